@@ -1,0 +1,76 @@
+"""The app's settings: one ``IDEMPOTENCY = {...}`` dict, read when needed, never at import.
+
+``app_settings.RETENTION`` returns the user's value or the default. The cache is dropped on
+``setting_changed`` so ``override_settings(IDEMPOTENCY=...)`` works in tests.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from .exceptions import IdempotencyConfigurationError
+
+#: The accepted keys and their defaults; the docs' settings table mirrors this.
+DEFAULTS: dict[str, Any] = {
+    # How long a ProcessedEvent is kept. Must outlast every redelivery: the broker's
+    # visibility timeout, the longest retry delay and a producer's re-publish window.
+    "RETENTION": timedelta(days=30),
+    # Per-consumer overrides of RETENTION: {"orders.tasks.place_order": timedelta(days=90)}.
+    "CONSUMER_RETENTION": {},
+    # Where the key lives in an event unless a decorator says otherwise (a dotted path).
+    "KEY": "eventId",
+    # What a duplicate with a different payload does: "raise" (PayloadMismatch) or "discard".
+    "ON_MISMATCH": "raise",
+    # Keep the handler's JSON-serialisable return value so a duplicate returns it again.
+    "STORE_RESULTS": True,
+}
+
+MISMATCH_POLICIES = ("raise", "discard")
+
+
+class AppSettings:
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._cache is None:
+            user = getattr(settings, "IDEMPOTENCY", {}) or {}
+            if not isinstance(user, dict):
+                raise IdempotencyConfigurationError("settings.IDEMPOTENCY must be a dict")
+            unknown = sorted(set(user) - set(DEFAULTS))
+            if unknown:
+                raise IdempotencyConfigurationError(
+                    f"unknown key(s) in settings.IDEMPOTENCY: {', '.join(unknown)}; "
+                    f"accepted keys are {', '.join(sorted(DEFAULTS))}"
+                )
+            self._cache = {**DEFAULTS, **user}
+        return self._cache
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(name)
+        return self._load()[name]
+
+    def retention_for(self, consumer: str) -> timedelta | None:
+        overrides: dict[str, timedelta | None] = self.CONSUMER_RETENTION
+        if consumer in overrides:
+            return overrides[consumer]
+        retention: timedelta | None = self.RETENTION
+        return retention
+
+    def reload(self) -> None:
+        self._cache = None
+
+
+app_settings = AppSettings()
+
+
+@receiver(setting_changed)
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == "IDEMPOTENCY":
+        app_settings.reload()

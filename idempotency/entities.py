@@ -1,0 +1,66 @@
+"""Entity-embedded keys: the business row carries the id of the event that created it.
+
+A unique ``original_event_id`` is a guard that never expires: purging the inbox cannot let a
+second order through, because the order itself remembers the event.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from django.db import connections, models, router
+from django.utils.translation import gettext_lazy as _
+
+from .exceptions import TransactionRequired
+
+M = TypeVar("M", bound=models.Model)
+
+
+class EventIdField(models.UUIDField):
+    """A unique, indexed, non-editable UUID naming the event that created the row."""
+
+    description = _("Event id (unique, set once)")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("unique", True)
+        kwargs.setdefault("editable", False)
+        kwargs.setdefault("verbose_name", _("original event id"))
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self) -> Any:
+        name, path, args, kwargs = super().deconstruct()
+        if kwargs.get("unique") is True:
+            del kwargs["unique"]
+        if kwargs.get("editable") is False:
+            del kwargs["editable"]
+        return name, path, args, kwargs
+
+
+class EventKeyedModel(models.Model):
+    """Abstract base for business rows created by an event."""
+
+    original_event_id = EventIdField()
+
+    class Meta:
+        abstract = True
+
+
+def create_once(
+    model: type[M],
+    original_event_id: Any,
+    defaults: dict[str, Any] | None = None,
+    *,
+    field: str = "original_event_id",
+) -> tuple[M, bool]:
+    """``get_or_create`` the row created by *original_event_id*, inside the caller's transaction.
+
+    Returns ``(row, created)``. A concurrent creator of the same row makes this one wait on the
+    unique index, then return the winner's row with ``created=False``.
+    """
+    using = router.db_for_write(model) or "default"
+    if not connections[using].in_atomic_block:
+        raise TransactionRequired(
+            f"create_once({model.__name__}) must run inside transaction.atomic(using={using!r})"
+        )
+    manager = model._default_manager.using(using)
+    return manager.get_or_create(**{field: original_event_id}, defaults=defaults or {})

@@ -1,0 +1,52 @@
+"""Every error the app raises derives from :class:`IdempotencyError`.
+
+Each subclass also inherits the built-in exception it is a kind of, so callers that already
+catch ``ValueError`` or ``ImproperlyConfigured`` keep working.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class IdempotencyError(Exception):
+    """Root of the app's exception tree."""
+
+
+class IdempotencyConfigurationError(IdempotencyError, ImproperlyConfigured):
+    """The ``IDEMPOTENCY`` settings dict or a decorator's arguments are invalid."""
+
+
+class InvalidEventId(IdempotencyError, ValueError):
+    """The event's idempotency key cannot be used (too long, or not a scalar).
+
+    Such a message can never succeed, so the Celery wrapper rejects it without requeueing.
+    """
+
+
+class MissingEventId(InvalidEventId):
+    """The event carries no idempotency key at all (absent, ``None`` or empty)."""
+
+
+class TransactionRequired(IdempotencyError, RuntimeError):
+    """A claim was attempted outside ``transaction.atomic()``.
+
+    The claim only protects the business change when both commit together.
+    """
+
+
+class PayloadMismatch(IdempotencyError, ValueError):
+    """An event id was seen before with a different payload.
+
+    Usually a producer bug: it reused an id for a different event.
+    """
+
+    def __init__(self, consumer: str, event_id: str, stored: str, received: str) -> None:
+        self.consumer = consumer
+        self.event_id = event_id
+        self.stored_fingerprint = stored
+        self.received_fingerprint = received
+        super().__init__(
+            f"event {event_id!r} for consumer {consumer!r} was processed with payload "
+            f"fingerprint {stored[:12]}, but this delivery has {received[:12]}"
+        )

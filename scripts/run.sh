@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make run`: migrate, seed the demo data, then serve the API and admin with a Celery worker.
+# Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+
+$BIN/python manage.py migrate --noinput
+$BIN/python manage.py seed_demo
+
+worker_args=(--loglevel=INFO --concurrency="${WORKER_CONCURRENCY:-2}")
+if [[ "${CELERY_BROKER_URL:-filesystem://}" == filesystem://* ]]; then
+  # The embedded broker has no broadcast peers to synchronise with.
+  worker_args+=(--without-gossip --without-mingle)
+fi
+$BIN/celery -A project worker "${worker_args[@]}" &
+worker=$!
+
+stop() {
+  trap - EXIT INT TERM
+  kill -TERM "$worker" 2>/dev/null || true
+  wait "$worker" 2>/dev/null || true
+}
+trap stop EXIT INT TERM
+
+echo
+echo "API:   http://$HOST:$PORT/api/   (schema: /api/schema/, docs: /api/docs/)"
+echo "Admin: http://$HOST:$PORT/admin/  (user 'admin', password printed above on first run)"
+echo "Stop:  Ctrl-C"
+echo
+$BIN/python manage.py runserver "$HOST:$PORT"

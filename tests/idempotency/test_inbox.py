@@ -1,0 +1,220 @@
+"""The claim primitive: one transaction, scope, duplicates, mismatches, results, rejection."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection, transaction
+
+from idempotency import signals
+from idempotency.exceptions import (
+    IdempotencyConfigurationError,
+    PayloadMismatch,
+    TransactionRequired,
+)
+from idempotency.inbox import claim, current_claim, idempotent, reject
+from idempotency.models import Outcome, ProcessedEvent
+from idempotency.statements import get_or_create, insert_returning, supports_insert_returning
+
+pytestmark = pytest.mark.django_db
+
+
+class Boom(Exception):
+    pass
+
+
+def test_first_delivery_runs_and_records() -> None:
+    with idempotent("billing", "e-1") as c:
+        assert not c.duplicate
+        ran = True
+    assert ran
+    record = ProcessedEvent.objects.get()
+    assert (record.consumer, record.event_id, record.outcome) == ("billing", "e-1", "processed")
+    assert record.pk == c.record.pk  # type: ignore[union-attr]
+
+
+def test_second_delivery_is_a_duplicate() -> None:
+    with idempotent("billing", "e-1"):
+        pass
+    with idempotent("billing", "e-1") as c:
+        assert c.duplicate
+    assert ProcessedEvent.objects.count() == 1
+
+
+def test_a_raising_block_leaves_no_record_so_a_retry_processes_again() -> None:
+    with pytest.raises(Boom), idempotent("billing", "e-1"):
+        ProcessedEvent.objects.create(consumer="side-effect", event_id="x")
+        raise Boom
+    assert not ProcessedEvent.objects.exists()  # the claim and the block's write rolled back
+    with idempotent("billing", "e-1") as c:
+        assert not c.duplicate
+
+
+def test_consumers_are_scoped() -> None:
+    with idempotent("billing", "e-1") as first, idempotent("shipping", "e-1") as second:
+        assert not first.duplicate
+        assert not second.duplicate
+    assert ProcessedEvent.objects.for_event("e-1").count() == 2
+
+
+def test_result_is_stored_and_replayed() -> None:
+    with idempotent("billing", "e-1") as c:
+        c.result = {"balance": "90.00"}
+    with idempotent("billing", "e-1") as again:
+        assert again.duplicate
+        assert again.result == {"balance": "90.00"}
+
+
+def test_results_are_not_stored_when_disabled() -> None:
+    with idempotent("billing", "e-1", store_result=False) as c:
+        c.result = {"balance": "90.00"}
+    assert ProcessedEvent.objects.get().result is None
+
+
+def test_same_payload_is_a_plain_duplicate() -> None:
+    with idempotent("billing", "e-1", payload={"amount": 10, "to": "x"}):
+        pass
+    with idempotent("billing", "e-1", payload={"to": "x", "amount": 10}) as c:
+        assert c.duplicate
+    assert not ProcessedEvent.objects.get().has_mismatch
+
+
+def test_different_payload_raises_and_is_recorded() -> None:
+    received: list[dict[str, object]] = []
+
+    def receiver(**kwargs: object) -> None:
+        received.append(kwargs)
+
+    signals.payload_mismatch.connect(receiver)
+    try:
+        with idempotent("billing", "e-1", payload={"amount": 10}):
+            pass
+        ran = False
+        with (
+            pytest.raises(PayloadMismatch) as info,
+            idempotent("billing", "e-1", payload={"amount": 11}),
+        ):
+            ran = True
+    finally:
+        signals.payload_mismatch.disconnect(receiver)
+    assert not ran
+    record = ProcessedEvent.objects.get()
+    assert record.has_mismatch
+    assert info.value.stored_fingerprint == record.fingerprint
+    assert info.value.received_fingerprint == record.mismatch_fingerprint
+    assert record.mismatch_at is not None
+    assert len(received) == 1
+    assert received[0]["received_fingerprint"] == record.mismatch_fingerprint
+
+
+def test_different_payload_can_be_discarded() -> None:
+    with idempotent("billing", "e-1", payload={"amount": 10}) as c:
+        c.result = "first"
+    with idempotent("billing", "e-1", payload={"amount": 11}, on_mismatch="discard") as c:
+        assert c.duplicate
+        assert c.result == "first"
+    assert ProcessedEvent.objects.get().has_mismatch
+
+
+def test_unknown_mismatch_policy_is_a_configuration_error() -> None:
+    with pytest.raises(IdempotencyConfigurationError):
+        idempotent("billing", "e-1", on_mismatch="ignore")
+
+
+def test_reject_records_a_final_outcome_and_keeps_business_writes() -> None:
+    with idempotent("orders", "e-1") as c:
+        assert current_claim() is c
+        ProcessedEvent.objects.create(consumer="business-row", event_id="x")
+        reject("insufficient stock")
+    assert current_claim() is None
+    record = ProcessedEvent.objects.get(consumer="orders")
+    assert (record.outcome, record.reason) == (Outcome.REJECTED, "insufficient stock")
+    assert ProcessedEvent.objects.filter(consumer="business-row").exists()
+
+
+def test_reject_outside_a_claim_is_an_error() -> None:
+    with pytest.raises(TransactionRequired):
+        reject("no")
+
+
+def test_signals_are_sent() -> None:
+    seen: list[str] = []
+
+    def on_processed(**kwargs: object) -> None:
+        seen.append(f"processed {kwargs['event_id']}")
+
+    def on_duplicate(**kwargs: object) -> None:
+        seen.append(f"duplicate {kwargs['event_id']}")
+
+    signals.event_processed.connect(on_processed)
+    signals.duplicate_discarded.connect(on_duplicate)
+    try:
+        for _ in range(2):
+            with idempotent("billing", "e-1"):
+                pass
+    finally:
+        signals.event_processed.disconnect(on_processed)
+        signals.duplicate_discarded.disconnect(on_duplicate)
+    assert seen == ["processed e-1", "duplicate e-1"]
+
+
+def test_log_lines_carry_consumer_and_event_id(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="idempotency")
+    for _ in range(2):
+        with idempotent("billing", "e-1"):
+            pass
+    records = [r for r in caplog.records if r.name == "idempotency"]
+    assert [(r.consumer, r.event_id) for r in records] == [("billing", "e-1")] * 2  # type: ignore[attr-defined]
+    assert "discarded" in records[1].getMessage()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claim_outside_a_transaction_is_refused() -> None:
+    with pytest.raises(TransactionRequired):
+        claim("billing", "e-1")
+    assert not ProcessedEvent.objects.exists()
+
+
+def test_nested_inside_the_callers_transaction() -> None:
+    with transaction.atomic():
+        with idempotent("billing", "e-1") as c:
+            assert not c.duplicate
+        with idempotent("billing", "e-1") as c:
+            assert c.duplicate
+    assert ProcessedEvent.objects.count() == 1
+
+
+def test_a_failed_nested_claim_leaves_the_callers_transaction_usable() -> None:
+    with transaction.atomic():
+        with pytest.raises(Boom), idempotent("billing", "e-1"):
+            raise Boom
+        with idempotent("billing", "e-2"):
+            pass
+    assert list(ProcessedEvent.objects.values_list("event_id", flat=True)) == ["e-2"]
+
+
+@pytest.mark.parametrize("statement", [insert_returning, get_or_create])
+def test_every_claim_statement_has_get_or_create_semantics(statement) -> None:  # type: ignore[no-untyped-def]
+    with transaction.atomic():
+        record, created = statement("default", "billing", "e-1", "f" * 64)
+        assert created
+        assert record.pk is not None
+        again, created_again = statement("default", "billing", "e-1", "0" * 64)
+        assert not created_again
+        assert again.pk == record.pk
+        assert again.fingerprint == "f" * 64
+        # The transaction is still usable after the conflict (no aborted transaction).
+        assert ProcessedEvent.objects.count() == 1
+
+
+def test_this_backend_uses_the_single_statement() -> None:
+    assert supports_insert_returning(connection)
+
+
+def test_the_single_statement_costs_one_query_on_first_delivery(
+    django_assert_num_queries,  # type: ignore[no-untyped-def]
+) -> None:
+    with transaction.atomic():
+        with django_assert_num_queries(1):
+            claim("billing", "e-1")
+        with django_assert_num_queries(2):  # the insert that did nothing, then the select
+            claim("billing", "e-1")

@@ -1,0 +1,131 @@
+"""Reaching the real services: PostgreSQL, RabbitMQ, Redis, and a real `celery worker`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+BROKERS = {"rabbitmq": AMQP_URL, "redis": REDIS_URL}
+DEFAULT_PORTS = {"amqp": 5672, "redis": 6379, "postgres": 5432, "postgresql": 5432}
+
+
+def required() -> bool:
+    return os.environ.get("REQUIRE_SERVICES") == "1"
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test, or fail it when the run requires the services."""
+    if required():
+        pytest.fail(f"REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def require_postgres() -> None:
+    if connection.vendor != "postgresql":
+        unavailable(
+            f"the tests run on {connection.vendor}; set DATABASE_URL=postgres://... for this test"
+        )
+
+
+def require_broker(url: str) -> None:
+    if not reachable(url):
+        unavailable(f"the broker at {url} is unreachable")
+
+
+def database_url() -> str:
+    """A URL of the test database, for processes started by the test."""
+    s = connection.settings_dict
+    user = s.get("USER") or ""
+    password = f":{s['PASSWORD']}" if s.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    return f"postgres://{auth}{s.get('HOST') or '127.0.0.1'}:{s.get('PORT') or 5432}/{s['NAME']}"
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
+    """Poll until *predicate* holds; fail with *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}", pytrace=False)
+
+
+@contextmanager
+def celery_worker(
+    broker_url: str,
+    *,
+    concurrency: int = 2,
+    queues: str = "celery",
+    log: Path,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `celery worker` process on the test database, stopped (and reaped) on exit."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "CELERY_BROKER_URL": broker_url,
+        "CELERY_SKIP_CHECKS": "1",
+        **(extra_env or {}),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "project",
+        "worker",
+        "--loglevel=INFO",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        "-Q",
+        queues,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        f"--hostname=test-{os.getpid()}-{time.monotonic_ns()}@%h",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            lambda: process.poll() is not None or b" ready." in log.read_bytes(),
+            60,
+            f"the celery worker to start (log: {log})",
+        )
+        if process.poll() is not None:
+            pytest.fail(f"the celery worker exited:\n{log.read_text()[-3000:]}", pytrace=False)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
