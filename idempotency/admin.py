@@ -5,9 +5,13 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import NoReverseMatch, reverse
+from django.utils.html import format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
+from .entities import rows_for_event
 from .models import ProcessedEvent
 
 
@@ -35,13 +39,27 @@ class ProcessedEventAdmin(admin.ModelAdmin):
     search_fields = ("=event_id", "consumer")
     date_hierarchy = "processed_at"
     ordering = ("-processed_at",)
-    readonly_fields = [f.name for f in ProcessedEvent._meta.fields]
+    readonly_fields = [*(f.name for f in ProcessedEvent._meta.fields), "business_entities"]
     actions = ["forget"]
     show_full_result_count = False
 
     @admin.display(boolean=True, description=_("mismatch"))
     def has_mismatch(self, obj: ProcessedEvent) -> bool:
         return obj.has_mismatch
+
+    @admin.display(description=_("business entities"))
+    def business_entities(self, obj: ProcessedEvent) -> str:
+        links = []
+        for row in rows_for_event(obj.event_id):
+            meta = row._meta
+            try:
+                url = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[row.pk])
+            except NoReverseMatch:
+                url = ""
+            links.append((url, f"{meta.verbose_name}: {row}"))
+        if not links:
+            return "-"
+        return format_html_join(mark_safe("<br>"), '<a href="{}">{}</a>', links)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

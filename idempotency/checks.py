@@ -61,3 +61,52 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     return messages
+
+
+@register("idempotency", "database")
+def check_inbox_routing(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The inbox must live in the database the handlers write to, or nothing is atomic."""
+    from django.db import router
+
+    from .entities import event_keyed_models
+    from .models import ProcessedEvent
+
+    inbox_db = router.db_for_write(ProcessedEvent)
+    messages: list[CheckMessage] = []
+    for model in event_keyed_models():
+        model_db = router.db_for_write(model)
+        if model_db != inbox_db:
+            messages.append(
+                Error(
+                    f"{model._meta.label} is written to database {model_db!r} but the "
+                    f"ProcessedEvent inbox to {inbox_db!r}: the claim and the business change "
+                    "cannot commit in one transaction.",
+                    hint="Route idempotency.ProcessedEvent to the same database as the models "
+                    "its handlers write.",
+                    obj=model,
+                    id="idempotency.E005",
+                )
+            )
+    return messages
+
+
+@register("idempotency")
+def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """An idempotent task that acks early loses the event if its worker dies mid-task."""
+    try:
+        from celery import current_app
+    except ImportError:  # Celery is optional
+        return []
+    messages: list[CheckMessage] = []
+    for name, task in sorted(current_app.tasks.items()):
+        if getattr(task, "idempotent", False) is True and not task.acks_late:
+            messages.append(
+                Warning(
+                    f"the idempotent task {name!r} is not acks_late: a worker killed mid-task "
+                    "acknowledges the message and the event is lost.",
+                    hint="Keep the acks_late=True default of @idempotent_task.",
+                    obj=name,
+                    id="idempotency.W003",
+                )
+            )
+    return messages

@@ -6,6 +6,7 @@ second order through, because the order itself remembers the event.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, TypeVar
 
 from django.db import connections, models, router
@@ -64,3 +65,28 @@ def create_once(
         )
     manager = model._default_manager.using(using)
     return manager.get_or_create(**{field: original_event_id}, defaults=defaults or {})
+
+
+def event_keyed_models() -> list[type[models.Model]]:
+    """Every installed model with an :class:`EventIdField`."""
+    from django.apps import apps
+
+    return [
+        model
+        for model in apps.get_models()
+        if any(isinstance(f, EventIdField) for f in model._meta.get_fields())
+    ]
+
+
+def rows_for_event(event_id: str) -> list[models.Model]:
+    """The business rows created by *event_id*, across every event-keyed model."""
+    try:
+        key = uuid.UUID(str(event_id))
+    except ValueError:
+        return []  # a composite or custom key names no entity
+    rows: list[models.Model] = []
+    for model in event_keyed_models():
+        for field in model._meta.get_fields():
+            if isinstance(field, EventIdField):
+                rows.extend(model._default_manager.filter(**{field.name: key})[:10])
+    return rows

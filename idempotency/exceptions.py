@@ -50,3 +50,10 @@ class PayloadMismatch(IdempotencyError, ValueError):
             f"event {event_id!r} for consumer {consumer!r} was processed with payload "
             f"fingerprint {stored[:12]}, but this delivery has {received[:12]}"
         )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
+        # Pickles intact, so Celery can store and re-raise it with its fields.
+        return (
+            type(self),
+            (self.consumer, self.event_id, self.stored_fingerprint, self.received_fingerprint),
+        )

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.http import urlencode
+from django.utils.translation import gettext_lazy as _
 
 from .models import Customer, Order, OrderItem, Product
 
@@ -30,8 +34,14 @@ class OrderAdmin(admin.ModelAdmin):
     list_filter = ("status", "created_at")
     search_fields = ("=order_id", "=original_event_id", "requested_customer_id")
     date_hierarchy = "created_at"
-    readonly_fields = ("original_event_id", "created_at")
+    readonly_fields = ("original_event_id", "processed_events", "created_at")
     inlines = [OrderItemInline]
+
+    @admin.display(description=_("processed events"))
+    def processed_events(self, obj: Order) -> str:
+        url = reverse("admin:idempotency_processedevent_changelist")
+        query = urlencode({"q": str(obj.original_event_id)})
+        return format_html('<a href="{}?{}">{}</a>', url, query, _("inbox records of this event"))
 
 
 @admin.register(OrderItem)
