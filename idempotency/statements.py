@@ -1,15 +1,25 @@
 """The claim statement, the fastest correct one for each database backend.
 
-PostgreSQL and SQLite (3.35+) run one ``INSERT ... ON CONFLICT DO NOTHING RETURNING``: no
-savepoint, no SELECT on the first delivery, and a concurrent claim of the same key blocks on the
-unique index until the first transaction ends. Other backends use ``get_or_create``, whose
-``IntegrityError`` is caught inside a savepoint so the caller's transaction stays usable.
+* PostgreSQL with psycopg 3 (client-side binding, Django's default): one round trip carrying
+  ``INSERT ... ON CONFLICT DO NOTHING RETURNING id; SELECT ...``. The SELECT is a new statement,
+  so it sees the row just inserted, or the one a concurrent claim committed while the INSERT
+  waited. A first delivery costs no savepoint; a duplicate writes nothing.
+* SQLite (3.35+) and other PostgreSQL set-ups: ``INSERT ... ON CONFLICT DO NOTHING RETURNING``,
+  then a SELECT only for a duplicate.
+* Any other backend: ``get_or_create``, whose ``IntegrityError`` is caught inside a savepoint so
+  the caller's transaction stays usable.
+
+On every path a concurrent claim of the same key blocks on the unique index until the first
+transaction ends, then sees its row (a duplicate) or, if it rolled back, inserts its own.
+A data-modifying CTE (``WITH ins AS (INSERT ...) SELECT ...``) does the same in one statement,
+but PostgreSQL plans it anew each time at about 0.4 ms, more than the round trip it saves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 from django.db import connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -38,61 +48,157 @@ def _field(name: str) -> models.Field:
     return field
 
 
-def supports_insert_returning(connection: BaseDatabaseWrapper) -> bool:
-    return connection.vendor in {"postgresql", "sqlite"} and bool(
-        connection.features.can_return_columns_from_insert
+def _quoted(name: str) -> str:
+    return f'"{_field(name).column}"'
+
+
+def _fields() -> list[models.Field]:
+    return list(ProcessedEvent._meta.concrete_fields)
+
+
+@lru_cache(maxsize=4)
+def _sql(vendor: str) -> dict[str, str]:
+    # Quoting follows the SQL standard, which both vendors accept.
+    table = f'"{ProcessedEvent._meta.db_table}"'
+    columns = ", ".join(_quoted(name) for name in _INSERT_FIELDS)
+    placeholders = ", ".join(["%s"] * len(_INSERT_FIELDS))
+    every = ", ".join(f'"{f.column}"' for f in _fields())
+    insert = (
+        f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) "
+        f"ON CONFLICT ({_quoted('event_id')}, {_quoted('consumer')}) DO NOTHING"
     )
+    select = (
+        f"SELECT {every} FROM {table} "
+        f"WHERE {_quoted('consumer')} = %s AND {_quoted('event_id')} = %s"
+    )
+    return {"insert": f"{insert} RETURNING {_quoted('id')}", "select": select}
 
 
 @lru_cache(maxsize=8)
-def _insert_sql(vendor: str, table: str) -> str:
-    # Quoting follows the SQL standard, which both supported vendors accept.
-    meta = ProcessedEvent._meta
-    columns = ", ".join(f'"{_field(name).column}"' for name in _INSERT_FIELDS)
-    placeholders = ", ".join(["%s"] * len(_INSERT_FIELDS))
-    unique = ", ".join(f'"{_field(name).column}"' for name in ("consumer", "event_id"))
-    pk = meta.pk.column if meta.pk else "id"
-    return (
-        f'INSERT INTO "{table}" ({columns}) VALUES ({placeholders}) '
-        f'ON CONFLICT ({unique}) DO NOTHING RETURNING "{pk}"'
-    )
+def _converters(using: str, vendor: str) -> list[tuple[Any, list[Callable[..., Any]]]]:
+    """Per column, the expression and the converters Django's compiler would apply."""
+    connection = connections[using]
+    result = []
+    for field in _fields():
+        col = field.get_col(ProcessedEvent._meta.db_table)
+        converters = [*connection.ops.get_db_converters(col), *col.get_db_converters(connection)]
+        result.append((col, converters))
+    return result
+
+
+def _record(using: str, row: Sequence[Any]) -> ProcessedEvent:
+    connection = connections[using]
+    values = []
+    for value, (col, converters) in zip(row, _converters(using, connection.vendor), strict=True):
+        for converter in converters:
+            value = converter(value, col, connection)
+        values.append(value)
+    return ProcessedEvent.from_db(using, [f.attname for f in _fields()], values)
+
+
+def _values(consumer: str, event_id: str, fingerprint: str) -> dict[str, Any]:
+    return {
+        "consumer": consumer,
+        "event_id": event_id,
+        "processed_at": timezone.now(),
+        "outcome": Outcome.PROCESSED.value,
+        "reason": "",
+        "fingerprint": fingerprint,
+        "mismatch_fingerprint": "",
+    }
+
+
+def _params(using: str, values: dict[str, Any]) -> list[Any]:
+    connection = connections[using]
+    return [_field(name).get_db_prep_save(values[name], connection) for name in _INSERT_FIELDS]
+
+
+def _select(using: str, consumer: str, event_id: str) -> ProcessedEvent | None:
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        cursor.execute(_sql(connection.vendor)["select"], [consumer, event_id])
+        row = cursor.fetchone()
+    return None if row is None else _record(using, row)
+
+
+def insert_select(
+    using: str, consumer: str, event_id: str, fingerprint: str
+) -> tuple[ProcessedEvent, bool]:
+    """PostgreSQL with psycopg 3: the insert and the select in one round trip."""
+    connection = connections[using]
+    sql = _sql(connection.vendor)
+    params = _params(using, _values(consumer, event_id, fingerprint))
+    with connection.cursor() as cursor:
+        cursor.execute(f"{sql['insert']}; {sql['select']}", [*params, consumer, event_id])
+        created = cursor.fetchone() is not None
+        cursor.nextset()
+        row = cursor.fetchone()
+    if row is None:
+        # The conflicting row was purged between the two statements: claim afresh.
+        return insert_returning(using, consumer, event_id, fingerprint)
+    return _record(using, row), created
 
 
 def insert_returning(
     using: str, consumer: str, event_id: str, fingerprint: str
 ) -> tuple[ProcessedEvent, bool]:
+    """SQLite: insert, and select only when the insert did nothing."""
     connection = connections[using]
-    record = ProcessedEvent(
-        consumer=consumer,
-        event_id=event_id,
-        processed_at=timezone.now(),
-        outcome=Outcome.PROCESSED,
-        fingerprint=fingerprint,
-    )
-    params = [
-        _field(name).get_db_prep_save(getattr(record, name), connection) for name in _INSERT_FIELDS
-    ]
+    values = _values(consumer, event_id, fingerprint)
     with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(connection.vendor, ProcessedEvent._meta.db_table), params)
+        cursor.execute(_sql(connection.vendor)["insert"], _params(using, values))
         row = cursor.fetchone()
-    if row is not None:
-        record.pk = row[0]
-        record._state.adding = False
-        record._state.db = using
-        return record, True
-    return ProcessedEvent.objects.using(using).get(consumer=consumer, event_id=event_id), False
+    if row is None:
+        existing = _select(using, consumer, event_id)
+        if existing is None:
+            # The conflicting row was purged between the two statements: claim afresh.
+            return insert_returning(using, consumer, event_id, fingerprint)
+        return existing, False
+    record = ProcessedEvent(pk=row[0], **values)
+    record._state.adding = False
+    record._state.db = using
+    return record, True
 
 
 def get_or_create(
     using: str, consumer: str, event_id: str, fingerprint: str
 ) -> tuple[ProcessedEvent, bool]:
+    """Any backend: ``get_or_create``, its insert inside a savepoint."""
     return ProcessedEvent.objects.using(using).get_or_create(
         consumer=consumer, event_id=event_id, defaults={"fingerprint": fingerprint}
     )
 
 
-def claim_statement(using: str) -> ClaimStatement:
-    """The claim function for the database *using*."""
-    if supports_insert_returning(connections[using]):
+#: Every claim statement, for the tests that run each one on each database.
+STATEMENTS: dict[str, ClaimStatement] = {
+    "insert_select": insert_select,
+    "insert_returning": insert_returning,
+    "get_or_create": get_or_create,
+}
+
+
+def supports_insert_select(connection: BaseDatabaseWrapper) -> bool:
+    """Two statements in one ``execute`` need psycopg 3 binding parameters client-side."""
+    if connection.vendor != "postgresql":
+        return False
+    from django.db.backends.postgresql.psycopg_any import (
+        is_psycopg3,  # type: ignore[import-untyped]
+    )
+
+    options = connection.settings_dict.get("OPTIONS", {})
+    return is_psycopg3 and not options.get("server_side_binding")
+
+
+def statement_for(connection: BaseDatabaseWrapper) -> ClaimStatement:
+    if supports_insert_select(connection):
+        return insert_select
+    if connection.vendor in {"postgresql", "sqlite"} and (
+        connection.features.can_return_columns_from_insert
+    ):
         return insert_returning
     return get_or_create
+
+
+def claim_statement(using: str) -> ClaimStatement:
+    """The claim function for the database *using*."""
+    return statement_for(connections[using])

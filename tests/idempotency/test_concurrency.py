@@ -28,10 +28,10 @@ class Rollback(Exception):
     pass
 
 
-@pytest.fixture(params=["insert_returning", "get_or_create"])
+@pytest.fixture(params=sorted(statements.STATEMENTS))
 def statement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     require_postgres()
-    chosen = getattr(statements, request.param)
+    chosen = statements.STATEMENTS[request.param]
     monkeypatch.setattr(inbox, "claim_statement", lambda using: chosen)
     return str(request.param)
 
