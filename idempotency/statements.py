@@ -181,10 +181,7 @@ def supports_insert_select(connection: BaseDatabaseWrapper) -> bool:
     """Two statements in one ``execute`` need psycopg 3 binding parameters client-side."""
     if connection.vendor != "postgresql":
         return False
-    from django.db.backends.postgresql.psycopg_any import (
-        is_psycopg3,  # type: ignore[import-untyped]
-    )
-
+    is_psycopg3 = getattr(connection, "Database", None).__name__ == "psycopg"
     options = connection.settings_dict.get("OPTIONS", {})
     return is_psycopg3 and not options.get("server_side_binding")
 
