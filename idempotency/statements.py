@@ -181,7 +181,8 @@ def supports_insert_select(connection: BaseDatabaseWrapper) -> bool:
     """Two statements in one ``execute`` need psycopg 3 binding parameters client-side."""
     if connection.vendor != "postgresql":
         return False
-    is_psycopg3 = getattr(connection, "Database", None).__name__ == "psycopg"
+    driver: Any = getattr(connection, "Database", None)
+    is_psycopg3 = getattr(driver, "__name__", "") == "psycopg"
     options = connection.settings_dict.get("OPTIONS", {})
     return is_psycopg3 and not options.get("server_side_binding")
 
