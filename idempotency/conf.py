@@ -28,6 +28,12 @@ DEFAULTS: dict[str, Any] = {
     "ON_MISMATCH": "raise",
     # Keep the handler's JSON-serialisable return value so a duplicate returns it again.
     "STORE_RESULTS": True,
+    # Keep each event's payload (and a mismatching one) for the admin's diff. Off: payloads
+    # often hold personal data, and the fingerprint alone detects a mismatch.
+    "STORE_PAYLOADS": False,
+    # Count discarded duplicates on the record. Off: it makes every duplicate a write (and a
+    # WAL flush at commit), several times the cost of a read-only discard.
+    "RECORD_DUPLICATES": False,
 }
 
 MISMATCH_POLICIES = ("raise", "discard")

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from . import signals
@@ -36,7 +37,12 @@ def inbox_database() -> str:
 
 
 def claim(
-    consumer: str, event_id: str, *, fingerprint: str = "", using: str | None = None
+    consumer: str,
+    event_id: str,
+    *,
+    fingerprint: str = "",
+    payload: Any = None,
+    using: str | None = None,
 ) -> tuple[ProcessedEvent, bool]:
     """Claim *event_id* for *consumer*: ``(record, created)`` with ``get_or_create`` semantics.
 
@@ -51,7 +57,8 @@ def claim(
         )
     if not consumer:
         raise IdempotencyConfigurationError("a consumer name is required")
-    return claim_statement(using)(using, consumer, event_id, fingerprint)
+    defaults = {"fingerprint": fingerprint, "payload": payload}
+    return claim_statement(using)(using, consumer, event_id, defaults)
 
 
 class idempotent:  # noqa: N801 (used as a context manager, like transaction.atomic)
@@ -82,12 +89,16 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         payload: Any = _NO_PAYLOAD,
         on_mismatch: str | None = None,
         store_result: bool | None = None,
+        store_payload: bool | None = None,
         using: str | None = None,
         savepoint: bool = True,
     ) -> None:
         self.consumer = consumer
         self.event_id = str(event_id)
         self.fingerprint = "" if payload is _NO_PAYLOAD else compute_fingerprint(payload)
+        if store_payload is None:
+            store_payload = app_settings.STORE_PAYLOADS
+        self.payload = payload if store_payload and payload is not _NO_PAYLOAD else None
         self.on_mismatch = on_mismatch or app_settings.ON_MISMATCH
         if self.on_mismatch not in MISMATCH_POLICIES:
             raise IdempotencyConfigurationError(
@@ -121,7 +132,11 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         self._atomic.__enter__()
         try:
             self.record, self.created = claim(
-                self.consumer, self.event_id, fingerprint=self.fingerprint, using=self.using
+                self.consumer,
+                self.event_id,
+                fingerprint=self.fingerprint,
+                payload=self.payload,
+                using=self.using,
             )
         except BaseException:
             self._atomic.__exit__(*sys.exc_info())
@@ -153,6 +168,12 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 self._note_mismatch(record)
                 raise mismatch
             self._note_mismatch(record)
+        if app_settings.RECORD_DUPLICATES:
+            record.duplicate_count += 1
+            record.last_duplicate_at = timezone.now()
+            ProcessedEvent.objects.using(self.using).filter(pk=record.pk).update(
+                duplicate_count=F("duplicate_count") + 1, last_duplicate_at=record.last_duplicate_at
+            )
         logger.info(
             "duplicate %s event %s discarded",
             self.consumer,
@@ -167,8 +188,11 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
     def _note_mismatch(self, record: ProcessedEvent) -> None:
         record.mismatch_fingerprint = self.fingerprint
         record.mismatch_at = timezone.now()
+        record.mismatch_payload = self.payload
         ProcessedEvent.objects.using(self.using).filter(pk=record.pk).update(
-            mismatch_fingerprint=record.mismatch_fingerprint, mismatch_at=record.mismatch_at
+            mismatch_fingerprint=record.mismatch_fingerprint,
+            mismatch_at=record.mismatch_at,
+            mismatch_payload=record.mismatch_payload,
         )
         signals.payload_mismatch.send(
             sender=ProcessedEvent,

@@ -56,6 +56,26 @@ class ProcessedEvent(models.Model):
         help_text=_("Fingerprint of the last delivery that reused this id with another payload."),
     )
     mismatch_at = models.DateTimeField(_("mismatch seen at"), null=True, blank=True)
+    payload = models.JSONField(
+        _("payload"),
+        null=True,
+        blank=True,
+        help_text=_("The first delivery's payload; kept only when STORE_PAYLOADS is on."),
+    )
+    mismatch_payload = models.JSONField(
+        _("mismatched payload"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "The last mismatching delivery's payload; kept only when STORE_PAYLOADS is on."
+        ),
+    )
+    duplicate_count = models.PositiveIntegerField(
+        _("duplicates discarded"),
+        default=0,
+        help_text=_("Counted only when RECORD_DUPLICATES is on (it makes a duplicate write)."),
+    )
+    last_duplicate_at = models.DateTimeField(_("last duplicate at"), null=True, blank=True)
 
     objects = ProcessedEventQuerySet.as_manager()
 

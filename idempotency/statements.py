@@ -17,7 +17,7 @@ but PostgreSQL plans it anew each time at about 0.4 ms, more than the round trip
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -36,10 +36,13 @@ _INSERT_FIELDS = (
     "reason",
     "fingerprint",
     "mismatch_fingerprint",
+    "payload",
+    "duplicate_count",
 )
 
-#: ``(using, consumer, event_id, fingerprint) -> (record, created)``
-ClaimStatement = Callable[[str, str, str, str], tuple[ProcessedEvent, bool]]
+#: ``(using, consumer, event_id, defaults) -> (record, created)``; *defaults* sets initial
+#: values of a new record (``fingerprint``, ``payload``).
+ClaimStatement = Callable[[str, str, str, Mapping[str, Any]], tuple[ProcessedEvent, bool]]
 
 
 def _field(name: str) -> models.Field:
@@ -96,15 +99,18 @@ def _record(using: str, row: Sequence[Any]) -> ProcessedEvent:
     return ProcessedEvent.from_db(using, [f.attname for f in _fields()], values)
 
 
-def _values(consumer: str, event_id: str, fingerprint: str) -> dict[str, Any]:
+def _values(consumer: str, event_id: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "consumer": consumer,
         "event_id": event_id,
         "processed_at": timezone.now(),
         "outcome": Outcome.PROCESSED.value,
         "reason": "",
-        "fingerprint": fingerprint,
+        "fingerprint": "",
         "mismatch_fingerprint": "",
+        "payload": None,
+        "duplicate_count": 0,
+        **defaults,
     }
 
 
@@ -122,12 +128,12 @@ def _select(using: str, consumer: str, event_id: str) -> ProcessedEvent | None:
 
 
 def insert_select(
-    using: str, consumer: str, event_id: str, fingerprint: str
+    using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
 ) -> tuple[ProcessedEvent, bool]:
     """PostgreSQL with psycopg 3: the insert and the select in one round trip."""
     connection = connections[using]
     sql = _sql(connection.vendor)
-    params = _params(using, _values(consumer, event_id, fingerprint))
+    params = _params(using, _values(consumer, event_id, defaults))
     with connection.cursor() as cursor:
         cursor.execute(f"{sql['insert']}; {sql['select']}", [*params, consumer, event_id])
         created = cursor.fetchone() is not None
@@ -135,16 +141,16 @@ def insert_select(
         row = cursor.fetchone()
     if row is None:
         # The conflicting row was purged between the two statements: claim afresh.
-        return insert_returning(using, consumer, event_id, fingerprint)
+        return insert_returning(using, consumer, event_id, defaults)
     return _record(using, row), created
 
 
 def insert_returning(
-    using: str, consumer: str, event_id: str, fingerprint: str
+    using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
 ) -> tuple[ProcessedEvent, bool]:
     """SQLite: insert, and select only when the insert did nothing."""
     connection = connections[using]
-    values = _values(consumer, event_id, fingerprint)
+    values = _values(consumer, event_id, defaults)
     with connection.cursor() as cursor:
         cursor.execute(_sql(connection.vendor)["insert"], _params(using, values))
         row = cursor.fetchone()
@@ -152,7 +158,7 @@ def insert_returning(
         existing = _select(using, consumer, event_id)
         if existing is None:
             # The conflicting row was purged between the two statements: claim afresh.
-            return insert_returning(using, consumer, event_id, fingerprint)
+            return insert_returning(using, consumer, event_id, defaults)
         return existing, False
     record = ProcessedEvent(pk=row[0], **values)
     record._state.adding = False
@@ -161,11 +167,11 @@ def insert_returning(
 
 
 def get_or_create(
-    using: str, consumer: str, event_id: str, fingerprint: str
+    using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
 ) -> tuple[ProcessedEvent, bool]:
     """Any backend: ``get_or_create``, its insert inside a savepoint."""
     return ProcessedEvent.objects.using(using).get_or_create(
-        consumer=consumer, event_id=event_id, defaults={"fingerprint": fingerprint}
+        consumer=consumer, event_id=event_id, defaults=dict(defaults)
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from django.db import connection, transaction
+from django.test import override_settings
 
 from idempotency import signals
 from idempotency.exceptions import (
@@ -206,12 +207,12 @@ def test_every_claim_statement_has_get_or_create_semantics(name: str) -> None:
         pytest.skip(f"{name} is for PostgreSQL; the tests run on {connection.vendor}")
     statement = STATEMENTS[name]
     with transaction.atomic():
-        record, created = statement("default", "billing", "e-1", "f" * 64)
+        record, created = statement("default", "billing", "e-1", {"fingerprint": "f" * 64})
         assert created
         assert record.pk is not None
         assert record.outcome == Outcome.PROCESSED
         assert record.processed_at is not None
-        again, created_again = statement("default", "billing", "e-1", "0" * 64)
+        again, created_again = statement("default", "billing", "e-1", {"fingerprint": "0" * 64})
         assert not created_again
         assert again.pk == record.pk
         assert again.fingerprint == "f" * 64
@@ -220,7 +221,7 @@ def test_every_claim_statement_has_get_or_create_semantics(name: str) -> None:
         assert ProcessedEvent.objects.count() == 1
     with transaction.atomic():
         ProcessedEvent.objects.filter(pk=record.pk).update(result={"n": [1, "2"]})
-        stored, _ = statement("default", "billing", "e-1", "")
+        stored, _ = statement("default", "billing", "e-1", {})
         assert stored.result == {"n": [1, "2"]}
 
 
@@ -238,3 +239,39 @@ def test_claims_cost_one_statement_on_first_delivery(
         duplicate_queries = 1 if supports_insert_select(connection) else 2
         with django_assert_num_queries(duplicate_queries):
             claim("billing", "e-1")
+
+
+def test_payloads_are_not_stored_by_default() -> None:
+    with idempotent("billing", "e-1", payload={"card": "4111"}):
+        pass
+    assert ProcessedEvent.objects.get().payload is None
+
+
+@pytest.mark.parametrize("on_mismatch", ["raise", "discard"])
+def test_stored_payloads_keep_both_sides_of_a_mismatch(on_mismatch: str) -> None:
+    with override_settings(IDEMPOTENCY={"STORE_PAYLOADS": True}):
+        with idempotent("billing", "e-1", payload={"amount": 10}):
+            pass
+        try:
+            with idempotent("billing", "e-1", payload={"amount": 11}, on_mismatch=on_mismatch):
+                pass
+        except PayloadMismatch:
+            assert on_mismatch == "raise"
+    record = ProcessedEvent.objects.get()
+    assert record.payload == {"amount": 10}
+    assert record.mismatch_payload == {"amount": 11}
+
+
+def test_duplicates_are_counted_only_when_asked(django_assert_num_queries) -> None:  # type: ignore[no-untyped-def]
+    with idempotent("billing", "e-1"):
+        pass
+    with idempotent("billing", "e-1"):
+        pass
+    assert ProcessedEvent.objects.get().duplicate_count == 0
+    with override_settings(IDEMPOTENCY={"RECORD_DUPLICATES": True}):
+        for _ in range(2):
+            with idempotent("billing", "e-1") as claim_:
+                assert claim_.duplicate
+    record = ProcessedEvent.objects.get()
+    assert record.duplicate_count == 2
+    assert record.last_duplicate_at is not None
