@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
+from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.translation import gettext_lazy as _
 
-from .models import Customer, Order, OrderItem, Product
+from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product
+
+
+def processed_events_link(event_id: Any) -> str:
+    url = reverse("admin:idempotency_processedevent_changelist")
+    query = urlencode({"q": str(event_id)})
+    return format_html('<a href="{}?{}">{}</a>', url, query, _("inbox records of this event"))
 
 
 @admin.register(Product)
@@ -15,10 +24,23 @@ class ProductAdmin(admin.ModelAdmin):
     search_fields = ("product_id", "name")
 
 
+class LedgerEntryInline(admin.TabularInline):
+    model = LedgerEntry
+    extra = 0
+    fields = ("created_at", "amount", "reason", "balance_after", "original_event_id")
+    readonly_fields = fields
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(Customer)
 class CustomerAdmin(admin.ModelAdmin):
     list_display = ("customer_id", "name", "balance")
     search_fields = ("customer_id", "name")
+    inlines = [LedgerEntryInline]
 
 
 class OrderItemInline(admin.TabularInline):
@@ -27,24 +49,67 @@ class OrderItemInline(admin.TabularInline):
     readonly_fields = ("product", "quantity", "unit_price")
     can_delete = False
 
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class PaymentInline(admin.TabularInline):
+    model = Payment
+    extra = 0
+    fields = ("payment_id", "amount", "currency", "received_at", "original_event_id")
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
 
 @admin.register(Order)
 class OrderAdmin(admin.ModelAdmin):
-    list_display = ("order_id", "requested_customer_id", "status", "total", "created_at")
+    list_display = (
+        "order_id",
+        "requested_customer_id",
+        "status",
+        "total",
+        "paid_amount",
+        "created_at",
+    )
     list_filter = ("status", "created_at")
     search_fields = ("=order_id", "=original_event_id", "requested_customer_id")
     date_hierarchy = "created_at"
-    readonly_fields = ("original_event_id", "processed_events", "created_at")
-    inlines = [OrderItemInline]
+    readonly_fields = ("original_event_id", "processed_events", "created_at", "shipped_at")
+    inlines = [OrderItemInline, PaymentInline]
 
     @admin.display(description=_("processed events"))
     def processed_events(self, obj: Order) -> str:
-        url = reverse("admin:idempotency_processedevent_changelist")
-        query = urlencode({"q": str(obj.original_event_id)})
-        return format_html('<a href="{}?{}">{}</a>', url, query, _("inbox records of this event"))
+        return processed_events_link(obj.original_event_id)
 
 
 @admin.register(OrderItem)
 class OrderItemAdmin(admin.ModelAdmin):
     list_display = ("order", "product", "quantity", "unit_price")
     list_select_related = ("order", "product")
+
+
+@admin.register(Payment)
+class PaymentAdmin(admin.ModelAdmin):
+    list_display = ("payment_id", "order", "amount", "currency", "received_at")
+    search_fields = ("=payment_id", "=order__order_id", "=original_event_id")
+    readonly_fields = ("original_event_id", "processed_events")
+    list_select_related = ("order",)
+
+    @admin.display(description=_("processed events"))
+    def processed_events(self, obj: Payment) -> str:
+        return processed_events_link(obj.original_event_id)
+
+
+@admin.register(LedgerEntry)
+class LedgerEntryAdmin(admin.ModelAdmin):
+    list_display = ("customer", "amount", "reason", "balance_after", "created_at")
+    search_fields = ("=customer__customer_id", "=original_event_id")
+    readonly_fields = ("original_event_id", "processed_events")
+    list_select_related = ("customer",)
+
+    @admin.display(description=_("processed events"))
+    def processed_events(self, obj: LedgerEntry) -> str:
+        return processed_events_link(obj.original_event_id)

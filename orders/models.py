@@ -37,6 +37,12 @@ class Customer(models.Model):
 
     class Meta:
         ordering = ["customer_id"]
+        constraints = [
+            # A debit that would overdraw the account is refused by the database too.
+            models.CheckConstraint(
+                condition=models.Q(balance__gte=0), name="customer_balance_gte_0"
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.customer_id
@@ -48,6 +54,11 @@ class Order(EventKeyedModel):
     class Status(models.TextChoices):
         ACCEPTED = "accepted", _("accepted")
         REJECTED = "rejected", _("rejected")
+        PAID = "paid", _("paid")
+        SHIPPED = "shipped", _("shipped")
+
+    #: The currency of every price, total and payment in the example.
+    CURRENCY = "USD"
 
     order_id = models.CharField(_("order id"), max_length=64, unique=True)
     customer = models.ForeignKey(
@@ -60,10 +71,16 @@ class Order(EventKeyedModel):
     total = models.DecimalField(
         _("total"), max_digits=12, decimal_places=2, default=Decimal("0.00")
     )
+    paid_amount = models.DecimalField(
+        _("paid amount"), max_digits=12, decimal_places=2, default=Decimal("0.00")
+    )
+    tracking_number = models.CharField(_("tracking number"), max_length=64, blank=True)
     created_at = models.DateTimeField(_("created at"), auto_now_add=True)
+    shipped_at = models.DateTimeField(_("shipped at"), null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("submit_event", _("Can submit events to the API"))]
 
     def __str__(self) -> str:
         return self.order_id
@@ -82,3 +99,45 @@ class OrderItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.quantity} x {self.product_id}"
+
+
+class Payment(EventKeyedModel):
+    """A payment applied to an order: an increment guarded twice.
+
+    The inbox guards the event id; the unique (order, payment id) pair guards the business key,
+    catching a producer that re-sends the same payment under a new event id.
+    """
+
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="payments")
+    payment_id = models.CharField(_("payment id"), max_length=64)
+    amount = models.DecimalField(_("amount"), max_digits=12, decimal_places=2)
+    currency = models.CharField(_("currency"), max_length=3)
+    received_at = models.DateTimeField(_("received at"), auto_now_add=True)
+
+    class Meta:
+        ordering = ["received_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["order", "payment_id"], name="payment_unique_per_order"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.payment_id} ({self.amount} {self.currency})"
+
+
+class LedgerEntry(EventKeyedModel):
+    """One applied debit of a customer's balance, named by the event that caused it."""
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="ledger")
+    amount = models.DecimalField(_("amount"), max_digits=12, decimal_places=2)
+    reason = models.CharField(_("reason"), max_length=200)
+    balance_after = models.DecimalField(_("balance after"), max_digits=12, decimal_places=2)
+    created_at = models.DateTimeField(_("created at"), auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = _("ledger entries")
+
+    def __str__(self) -> str:
+        return f"{self.customer_id} {self.amount}"

@@ -9,11 +9,12 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.db.models import F
+from django.utils import timezone
 
 from idempotency.entities import create_once
 from idempotency.inbox import reject
 
-from .models import Customer, Order, OrderItem, Product
+from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product
 
 logger = logging.getLogger("orders")
 
@@ -21,6 +22,14 @@ logger = logging.getLogger("orders")
 class InsufficientStock(Exception):
     def __init__(self, product_id: str) -> None:
         super().__init__(f"insufficient stock for {product_id}")
+
+
+class OrderNotYetPlaced(Exception):
+    """The event names an order that has not arrived yet: retried later, never dropped."""
+
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+        super().__init__(f"order {order_id} has not been placed (yet)")
 
 
 def order_summary(order: Order) -> dict[str, Any]:
@@ -45,9 +54,7 @@ def place_order(event: dict[str, Any]) -> dict[str, Any]:
         )
     except IntegrityError:
         # Another event already created this orderId: the producer reused it under a new id.
-        reason = f"order {event['orderId']} already exists"
-        reject(reason)
-        return {"orderId": event["orderId"], "status": Order.Status.REJECTED, "reason": reason}
+        return _rejected(f"order {event['orderId']} already exists", orderId=event["orderId"])
     if not created:
         # The entity key caught a redelivery the inbox no longer remembers (it was purged).
         return order_summary(order)
@@ -56,13 +63,13 @@ def place_order(event: dict[str, Any]) -> dict[str, Any]:
     products = Product.objects.in_bulk(list(wanted), field_name="product_id")
     missing = sorted(set(wanted) - set(products))
     if customer is None:
-        return _reject(order, f"unknown customer {event['customerId']}")
+        return _reject_order(order, f"unknown customer {event['customerId']}")
     if missing:
-        return _reject(order, f"unknown product(s): {', '.join(missing)}")
+        return _reject_order(order, f"unknown product(s): {', '.join(missing)}")
     try:
         _take_stock(products, wanted)
     except InsufficientStock as exc:
-        return _reject(order, str(exc))
+        return _reject_order(order, str(exc))
 
     OrderItem.objects.bulk_create(
         OrderItem(order=order, product=products[pid], quantity=qty, unit_price=products[pid].price)
@@ -89,10 +96,99 @@ def _take_stock(products: dict[str, Product], wanted: Counter[str]) -> None:
                 raise InsufficientStock(pid)
 
 
-def _reject(order: Order, reason: str) -> dict[str, Any]:
+def _reject_order(order: Order, reason: str) -> dict[str, Any]:
     order.status = Order.Status.REJECTED
     order.reason = reason
     order.save(update_fields=["status", "reason"])
+    return _rejected(reason, orderId=order.order_id)
+
+
+def _rejected(reason: str, **result: Any) -> dict[str, Any]:
+    """Record a final negative outcome on the inbox and return it as the task's result."""
     reject(reason)
-    logger.info("order %s rejected: %s", order.order_id, reason)
-    return order_summary(order)
+    logger.info("rejected: %s", reason)
+    return {**result, "status": "rejected", "reason": reason}
+
+
+def _locked_order(order_id: str) -> Order:
+    # FOR UPDATE: concurrent payments of one order add up instead of overwriting each other's
+    # status decision.
+    order = Order.objects.select_for_update().filter(order_id=order_id).first()
+    if order is None:
+        raise OrderNotYetPlaced(order_id)
+    return order
+
+
+def payment_received(event: dict[str, Any]) -> dict[str, Any]:
+    """Record the payment and add it to the order's paid amount; paid once fully covered."""
+    order = _locked_order(event["orderId"])
+    amount = Decimal(event["amount"])
+    ids = {"orderId": order.order_id, "paymentId": event["paymentId"]}
+    if order.status == Order.Status.REJECTED:
+        return _rejected(f"order {order.order_id} was rejected: {order.reason}", **ids)
+    if event["currency"] != Order.CURRENCY:
+        return _rejected(f"currency {event['currency']} is not the order's {Order.CURRENCY}", **ids)
+    payment, created = Payment.objects.get_or_create(
+        order=order,
+        payment_id=event["paymentId"],
+        defaults={
+            "amount": amount,
+            "currency": event["currency"],
+            "original_event_id": event["eventId"],
+        },
+    )
+    if not created:
+        # The business key caught what the inbox could not: the same payment under a new id.
+        return _rejected(
+            f"payment {payment.payment_id} was already applied by event "
+            f"{payment.original_event_id}",
+            **ids,
+        )
+    Order.objects.filter(pk=order.pk).update(paid_amount=F("paid_amount") + amount)
+    order.refresh_from_db(fields=["paid_amount"])
+    if order.status == Order.Status.ACCEPTED and order.paid_amount >= order.total:
+        order.status = Order.Status.PAID
+        order.save(update_fields=["status"])
+    return {**ids, "status": order.status, "paidAmount": str(order.paid_amount)}
+
+
+def debit_account(event: dict[str, Any]) -> dict[str, Any]:
+    """Deduct from a customer's balance once, never below zero, and write it in the ledger."""
+    amount = Decimal(event["amount"])
+    customer_id = event["customerId"]
+    debited = Customer.objects.filter(customer_id=customer_id, balance__gte=amount).update(
+        balance=F("balance") - amount
+    )
+    if not debited:
+        if not Customer.objects.filter(customer_id=customer_id).exists():
+            return _rejected(f"unknown customer {customer_id}", customerId=customer_id)
+        return _rejected(
+            f"insufficient balance to debit {amount} from {customer_id}", customerId=customer_id
+        )
+    customer = Customer.objects.get(customer_id=customer_id)
+    LedgerEntry.objects.create(
+        customer=customer,
+        amount=-amount,
+        reason=event["reason"],
+        balance_after=customer.balance,
+        original_event_id=event["eventId"],
+    )
+    return {"customerId": customer_id, "status": "debited", "balance": str(customer.balance)}
+
+
+def ship_order(event: dict[str, Any]) -> dict[str, Any]:
+    """Set the tracking number of a paid order: naturally idempotent, recorded all the same."""
+    order = _locked_order(event["orderId"])
+    ids = {"orderId": order.order_id}
+    if order.status not in (Order.Status.PAID, Order.Status.SHIPPED):
+        why = (
+            f"it was rejected: {order.reason}"
+            if order.status == Order.Status.REJECTED
+            else (f"it is not paid ({order.paid_amount} of {order.total})")
+        )
+        return _rejected(f"order {order.order_id} cannot ship: {why}", **ids)
+    order.status = Order.Status.SHIPPED
+    order.tracking_number = event["trackingNumber"]
+    order.shipped_at = order.shipped_at or timezone.now()
+    order.save(update_fields=["status", "tracking_number", "shipped_at"])
+    return {**ids, "status": order.status, "trackingNumber": order.tracking_number}

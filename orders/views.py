@@ -2,22 +2,43 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+)
 from rest_framework import generics, status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from idempotency.models import Outcome, ProcessedEvent
+
 from .events import EVENT_TYPES
-from .models import Order, Product
+from .models import Customer, Order, Product
+from .permissions import CanSubmitEvents
 from .serializers import (
     AcceptedSerializer,
+    CustomerSerializer,
+    EventStatusSerializer,
     OrderSerializer,
-    PlaceOrderSerializer,
     ProductSerializer,
 )
+
+MAX_BATCH = 500
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class PayloadTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = f"A request body may be at most {MAX_BODY_BYTES} bytes."
+    default_code = "payload_too_large"
 
 
 def validate_event(data: Any) -> tuple[dict[str, Any], Any]:
@@ -33,31 +54,146 @@ def validate_event(data: Any) -> tuple[dict[str, Any], Any]:
                 ]
             }
         )
-    kind = EVENT_TYPES[event_type]
-    serializer = kind.serializer(data=data)
+    serializer = EVENT_TYPES[event_type].serializer(data=data)
     serializer.is_valid(raise_exception=True)
-    return dict(serializer.data), kind.task
+    return dict(serializer.data), EVENT_TYPES[event_type].task
+
+
+def validate_batch(data: list[Any]) -> list[tuple[dict[str, Any], Any]]:
+    """Every event of a batch, or a 400 listing each invalid one by index: all or nothing."""
+    if not data:
+        raise ValidationError({"non_field_errors": ["The batch is empty."]})
+    if len(data) > MAX_BATCH:
+        raise ValidationError(
+            {"non_field_errors": [f"A batch holds at most {MAX_BATCH} events, not {len(data)}."]}
+        )
+    accepted, errors = [], {}
+    for index, item in enumerate(data):
+        try:
+            accepted.append(validate_event(item))
+        except ValidationError as exc:
+            errors[str(index)] = exc.detail
+    if errors:
+        raise ValidationError({"events": errors})
+    return accepted
+
+
+EVENT_REQUEST = PolymorphicProxySerializer(
+    component_name="Event",
+    serializers={name: kind.serializer for name, kind in EVENT_TYPES.items()},
+    resource_type_field_name="eventType",
+)
 
 
 class EventView(APIView):
-    """Accept an event; a Celery worker applies it once, after this request commits."""
+    """Accept one event, or a list of up to 500; workers apply each once, after the commit."""
+
+    permission_classes = [CanSubmitEvents]
 
     @extend_schema(
-        request=PlaceOrderSerializer,
-        responses={202: AcceptedSerializer, 400: OpenApiResponse(description="Invalid event")},
+        request=EVENT_REQUEST,
+        description="\n\n".join(
+            [
+                "Accepts one event object, or a JSON list of up to 500 (validated all or "
+                "nothing). Each accepted event is published to its Celery task after the "
+                "request's transaction commits. Posting an event again is accepted again; its "
+                "effect still happens once.",
+                *(f"**{name}**: {kind.description}" for name, kind in EVENT_TYPES.items()),
+            ]
+        ),
+        responses={
+            202: AcceptedSerializer,
+            400: OpenApiResponse(description="Invalid event(s): field errors"),
+            401: OpenApiResponse(description="Not authenticated"),
+            403: OpenApiResponse(description="Lacks the orders.submit_event permission"),
+            413: OpenApiResponse(description="Request body over 1 MiB"),
+        },
     )
     def post(self, request: Request) -> Response:
-        event, task = validate_event(request.data)
+        data = self._body(request)
+        batch = isinstance(data, list)
+        events = validate_batch(data) if batch else [validate_event(data)]
         with transaction.atomic():
             # Published only once the transaction commits, never for work that rolled back.
-            task.delay_on_commit(event)
-        return Response(
-            {"eventId": event["eventId"], "status": "accepted"}, status=status.HTTP_202_ACCEPTED
-        )
+            for event, task in events:
+                task.delay_on_commit(event)
+        accepted = [{"eventId": event["eventId"], "status": "accepted"} for event, _ in events]
+        return Response(accepted if batch else accepted[0], status=status.HTTP_202_ACCEPTED)
+
+    @staticmethod
+    def _body(request: Request) -> Any:
+        declared = request.META.get("CONTENT_LENGTH") or "0"
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise PayloadTooLarge
+        try:
+            return request.data
+        except RequestDataTooBig as exc:
+            raise PayloadTooLarge from exc
+
+
+def consumer_status(record: ProcessedEvent) -> str:
+    if record.has_mismatch:
+        return "mismatch"
+    if record.outcome == Outcome.REJECTED:
+        return "rejected"
+    if record.duplicate_count:
+        return "duplicate-discarded"
+    return "processed"
+
+
+#: The overall status is the most telling of its consumers' statuses.
+STATUS_PRECEDENCE = ["mismatch", "rejected", "duplicate-discarded", "processed"]
+
+
+class EventStatusView(APIView):
+    """Where an event stands with each of its consumers."""
+
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(
+        responses={200: EventStatusSerializer},
+        description="`pending` until a consumer has processed the event. Duplicates are "
+        "counted only with IDEMPOTENCY['RECORD_DUPLICATES'] on (it is, in this project).",
+    )
+    def get(self, request: Request, event_id: str) -> Response:
+        records = list(ProcessedEvent.objects.for_event(event_id).order_by("consumer"))
+        consumers = [
+            {
+                "consumer": r.consumer,
+                "status": consumer_status(r),
+                "reason": r.reason,
+                "processedAt": r.processed_at,
+                "duplicatesDiscarded": r.duplicate_count,
+            }
+            for r in records
+        ]
+        statuses = {c["status"] for c in consumers}
+        overall = next((s for s in STATUS_PRECEDENCE if s in statuses), "pending")
+        body = {"eventId": event_id, "status": overall, "consumers": consumers}
+        return Response(EventStatusSerializer(body).data)
+
+
+class OrderListView(generics.ListAPIView):
+    serializer_class = OrderSerializer
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("customerId", OpenApiTypes.STR, description="Only this customer's")
+        ]
+    )
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self) -> Any:
+        orders = Order.objects.prefetch_related("items__product", "payments")
+        customer_id = self.request.query_params.get("customerId")
+        if customer_id:
+            orders = orders.filter(requested_customer_id=customer_id)
+        return orders.order_by("-created_at", "-pk")
 
 
 class OrderDetailView(generics.RetrieveAPIView):
-    queryset = Order.objects.prefetch_related("items__product")
+    queryset = Order.objects.prefetch_related("items__product", "payments")
     serializer_class = OrderSerializer
     lookup_field = "order_id"
     lookup_url_kwarg = "order_id"
@@ -68,3 +204,10 @@ class ProductDetailView(generics.RetrieveAPIView):
     serializer_class = ProductSerializer
     lookup_field = "product_id"
     lookup_url_kwarg = "product_id"
+
+
+class CustomerDetailView(generics.RetrieveAPIView):
+    queryset = Customer.objects.all()
+    serializer_class = CustomerSerializer
+    lookup_field = "customer_id"
+    lookup_url_kwarg = "customer_id"

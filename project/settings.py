@@ -106,6 +106,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# The events API answers 413 past 1 MiB; Django refuses to buffer more than that either.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
@@ -148,6 +150,9 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # --- The idempotency app --------------------------------------------------------------------
 IDEMPOTENCY = {
     "RETENTION": timedelta(days=30),
+    # The example counts duplicates so the API and the admin can show them; it costs each
+    # duplicate a small write (the library's default is off).
+    "RECORD_DUPLICATES": _env_flag("IDEMPOTENCY_RECORD_DUPLICATES", True),
 }
 
 LOGGING = {

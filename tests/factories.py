@@ -8,7 +8,7 @@ import factory
 from django.contrib.auth import get_user_model
 
 from idempotency.models import ProcessedEvent
-from orders.models import Customer, Order, OrderItem, Product
+from orders.models import Customer, LedgerEntry, Order, OrderItem, Payment, Product
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -80,3 +80,48 @@ def place_order_event(**overrides: Any) -> dict[str, Any]:
     }
     event.update(overrides)
     return event
+
+
+def _event(event_type: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "eventType": event_type,
+        "eventId": str(uuid.uuid4()),
+        "timestamp": "2023-10-27T10:00:00Z",
+        **fields,
+    }
+
+
+def payment_received_event(**overrides: Any) -> dict[str, Any]:
+    fields = {"orderId": "ORD-1", "paymentId": "PAY-1", "amount": "20.00", "currency": "USD"}
+    return _event("PaymentReceived", **{**fields, **overrides})
+
+
+def debit_account_event(**overrides: Any) -> dict[str, Any]:
+    fields = {"customerId": "CUST-1", "amount": "10.00", "reason": "monthly fee"}
+    return _event("DebitAccount", **{**fields, **overrides})
+
+
+def order_shipped_event(**overrides: Any) -> dict[str, Any]:
+    return _event("OrderShipped", **{"orderId": "ORD-1", "trackingNumber": "TRK-1", **overrides})
+
+
+class PaymentFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Payment
+
+    order = factory.SubFactory(OrderFactory)
+    payment_id = factory.Sequence(lambda n: f"PAY-{n}")
+    amount = Decimal("10.00")
+    currency = "USD"
+    original_event_id = factory.LazyFunction(uuid.uuid4)
+
+
+class LedgerEntryFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = LedgerEntry
+
+    customer = factory.SubFactory(CustomerFactory)
+    amount = Decimal("-10.00")
+    reason = "fee"
+    balance_after = Decimal("90.00")
+    original_event_id = factory.LazyFunction(uuid.uuid4)

@@ -6,10 +6,24 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from celery.contrib.django.task import DjangoTask
+from django.contrib.auth.models import Permission
+from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from orders.models import Order
-from tests.factories import OrderFactory, OrderItemFactory, ProductFactory, place_order_event
+from tests.factories import (
+    LedgerEntryFactory,
+    OrderFactory,
+    OrderItemFactory,
+    ProcessedEventFactory,
+    ProductFactory,
+    UserFactory,
+    debit_account_event,
+    order_shipped_event,
+    payment_received_event,
+    place_order_event,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -110,3 +124,191 @@ def test_read_a_product(api_client: APIClient) -> None:
 def test_unknown_order_is_a_404(api_client: APIClient) -> None:
     OrderFactory()
     assert api_client.get("/api/orders/ORD-404/").status_code == 404
+
+
+@pytest.fixture
+def viewer_client(db: Any) -> APIClient:
+    viewer = UserFactory(username="viewer")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=viewer).key}")
+    return client
+
+
+@pytest.fixture
+def producer_client(db: Any) -> APIClient:
+    producer = UserFactory(username="producer-2")
+    producer.user_permissions.add(Permission.objects.get(codename="submit_event"))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=producer).key}")
+    return client
+
+
+@pytest.fixture
+def published_all() -> Any:
+    """Every event handed to a task for publication after the commit (checked above)."""
+    with mock.patch.object(DjangoTask, "delay_on_commit", autospec=True) as delay_on_commit:
+        yield delay_on_commit
+
+
+ROUTES = {
+    "PlaceOrder": "place_order",
+    "PaymentReceived": "payment_received",
+    "DebitAccount": "debit_account",
+    "OrderShipped": "ship_order",
+}
+EVERY_TYPE = [
+    place_order_event(),
+    payment_received_event(),
+    debit_account_event(),
+    order_shipped_event(),
+]
+
+
+@pytest.mark.parametrize("event", EVERY_TYPE, ids=lambda e: e["eventType"])
+def test_every_event_type_is_accepted_and_routed(
+    producer_client: APIClient, published_all: mock.Mock, event: dict[str, Any]
+) -> None:
+    response = producer_client.post("/api/events/", event, format="json")
+    assert response.status_code == 202, response.json()
+    task, sent = published_all.call_args.args
+    assert sent == event
+    assert task.name == f"orders.tasks.{ROUTES[event['eventType']]}"
+
+
+def test_a_reader_without_the_permission_gets_403(
+    viewer_client: APIClient, published_all: mock.Mock
+) -> None:
+    response = viewer_client.post("/api/events/", place_order_event(), format="json")
+    assert response.status_code == 403
+    assert not published_all.called
+    assert viewer_client.get("/api/products/PROD-404/").status_code == 404  # reading is allowed
+
+
+def test_a_batch_is_accepted_whole(producer_client: APIClient, published_all: mock.Mock) -> None:
+    events = [place_order_event() for _ in range(3)] + [debit_account_event()]
+    response = producer_client.post("/api/events/", events, format="json")
+    assert response.status_code == 202
+    assert [r["eventId"] for r in response.json()] == [e["eventId"] for e in events]
+    assert published_all.call_count == 4
+
+
+def test_a_batch_with_one_bad_event_is_refused_whole(
+    producer_client: APIClient, published_all: mock.Mock
+) -> None:
+    events = [place_order_event(), debit_account_event(amount="-1"), place_order_event()]
+    response = producer_client.post("/api/events/", events, format="json")
+    assert response.status_code == 400
+    assert list(response.json()["events"]) == ["1"]
+    assert "amount" in response.json()["events"]["1"]
+    assert not published_all.called
+
+
+@pytest.mark.parametrize("size", [0, 501])
+def test_batch_sizes(producer_client: APIClient, published_all: mock.Mock, size: int) -> None:
+    events = [debit_account_event() for _ in range(size)]
+    response = producer_client.post("/api/events/", events, format="json")
+    assert response.status_code == 400
+    assert not published_all.called
+
+
+def test_the_largest_batch_is_accepted(
+    producer_client: APIClient, published_all: mock.Mock
+) -> None:
+    events = [debit_account_event() for _ in range(500)]
+    assert producer_client.post("/api/events/", events, format="json").status_code == 202
+    assert published_all.call_count == 500
+
+
+def test_a_body_over_1_mib_is_a_413(producer_client: APIClient, published_all: mock.Mock) -> None:
+    event = debit_account_event(reason="x" * (1024 * 1024))
+    response = producer_client.post("/api/events/", event, format="json")
+    assert response.status_code == 413
+    assert not published_all.called
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        (payment_received_event(amount="0"), "amount"),
+        (payment_received_event(amount="-5"), "amount"),
+        (payment_received_event(amount="ten"), "amount"),
+        (payment_received_event(amount="1.001"), "amount"),
+        (payment_received_event(currency="usd"), "currency"),
+        (payment_received_event(paymentId=None), "paymentId"),
+        (payment_received_event(paymentID="PAY-1"), "paymentID"),
+        (debit_account_event(amount=0), "amount"),
+        (debit_account_event(reason=""), "reason"),
+        (debit_account_event(customerId=["CUST-1"]), "customerId"),
+        (order_shipped_event(trackingNumber=""), "trackingNumber"),
+        (place_order_event(items=[{"productId": "P", "quantity": 1}] * 101), "items"),
+        (place_order_event(items=[{"productId": "P", "quantity": -1}]), "items"),
+        (place_order_event(eventId=42), "eventId"),
+    ],
+)
+def test_field_errors_of_every_type(
+    producer_client: APIClient, published_all: mock.Mock, event: dict[str, Any], field: str
+) -> None:
+    response = producer_client.post("/api/events/", event, format="json")
+    assert response.status_code == 400
+    assert field in response.json()
+    assert not published_all.called
+
+
+def test_malformed_json_is_a_400(producer_client: APIClient) -> None:
+    response = producer_client.post("/api/events/", "{not json", content_type="application/json")
+    assert response.status_code == 400
+
+
+def test_event_status_across_consumers(api_client: APIClient) -> None:
+    event_id = "e-status"
+    assert api_client.get(f"/api/events/{event_id}/").json() == {
+        "eventId": event_id,
+        "status": "pending",
+        "consumers": [],
+    }
+    ProcessedEventFactory(event_id=event_id, consumer="a")
+    ProcessedEventFactory(event_id=event_id, consumer="b", duplicate_count=2)
+    body = api_client.get(f"/api/events/{event_id}/").json()
+    assert body["status"] == "duplicate-discarded"
+    assert [(c["consumer"], c["status"]) for c in body["consumers"]] == [
+        ("a", "processed"),
+        ("b", "duplicate-discarded"),
+    ]
+    ProcessedEventFactory(event_id=event_id, consumer="c", outcome="rejected", reason="no")
+    assert api_client.get(f"/api/events/{event_id}/").json()["status"] == "rejected"
+    ProcessedEventFactory(event_id=event_id, consumer="d", mismatch_fingerprint="f" * 64)
+    assert api_client.get(f"/api/events/{event_id}/").json()["status"] == "mismatch"
+
+
+def test_orders_of_a_customer_are_listed_and_paginated(api_client: APIClient) -> None:
+    for _ in range(3):
+        OrderFactory(requested_customer_id="CUST-9")
+    OrderFactory(requested_customer_id="CUST-8")
+    body = api_client.get("/api/orders/", {"customerId": "CUST-9"}).json()
+    assert body["count"] == 3
+    assert {o["customerId"] for o in body["results"]} == {"CUST-9"}
+    assert api_client.get("/api/orders/").json()["count"] == 4
+
+
+def test_read_a_customer_with_its_ledger(api_client: APIClient) -> None:
+    entry = LedgerEntryFactory(customer__customer_id="CUST-7", customer__balance="90.00")
+    body = api_client.get("/api/customers/CUST-7/").json()
+    assert body["customerId"] == "CUST-7"
+    assert body["balance"] == "90.00"
+    assert body["ledger"][0]["originalEventId"] == str(entry.original_event_id)
+
+
+@pytest.mark.parametrize(
+    "url", ["/api/orders/", "/api/events/x/", "/api/customers/C/", "/api/products/P/"]
+)
+def test_every_read_endpoint_needs_authentication(db: Any, url: str) -> None:
+    assert APIClient().get(url).status_code == 401
+
+
+def test_the_schema_describes_every_event_type(api_client: APIClient) -> None:
+    response = api_client.get("/api/schema/", {"format": "json"})
+    assert response.status_code == 200
+    schema = response.json()
+    for name in ("PlaceOrder", "PaymentReceived", "DebitAccount", "OrderShipped"):
+        assert name in schema["components"]["schemas"]
+        assert name in schema["paths"]["/api/events/"]["post"]["description"]

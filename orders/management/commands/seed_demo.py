@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from rest_framework.authtoken.models import Token
@@ -26,7 +27,10 @@ CUSTOMERS = [
 
 
 class Command(BaseCommand):
-    help = "Create demo products, customers and an admin user with an API token (idempotent)."
+    help = (
+        "Create demo products and customers, an admin, a producer allowed to submit events and "
+        "a read-only viewer, each with an API token. Running it again changes nothing."
+    )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--username", default="admin", help="admin user name (default: admin)")
@@ -57,8 +61,21 @@ class Command(BaseCommand):
                 f"superuser {username!r} exists (password unchanged; "
                 f"reset it with: python manage.py changepassword {username})"
             )
+        self._token(user)
+
+        submit = Permission.objects.get(content_type__app_label="orders", codename="submit_event")
+        for name, permissions in (("producer", [submit]), ("viewer", [])):
+            other, created = user_model.objects.get_or_create(username=name)
+            if created:
+                other.set_unusable_password()  # an API client: it signs in with its token
+                other.save()
+                other.user_permissions.set(permissions)
+            self._report("user", name, created)
+            self._token(other)
+
+    def _token(self, user: Any) -> None:
         token, _ = Token.objects.get_or_create(user=user)
-        self.stdout.write(f"API token of {username!r}: {token.key}")
+        self.stdout.write(f"API token of {user.get_username()!r}: {token.key}")
 
     def _report(self, kind: str, name: str, created: bool) -> None:
         self.stdout.write(f"{kind} {name}: {'created' if created else 'exists'}")
