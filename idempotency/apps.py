@@ -8,4 +8,10 @@ class IdempotencyConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
+        from . import (
+            checks,  # noqa: F401  (registers the system checks)
+            metrics,
+        )
+
+        # Prometheus counters, only when asked for and prometheus-client is installed.
+        metrics.connect_if_enabled()

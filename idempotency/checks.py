@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from .conf import DEFAULTS, MISMATCH_POLICIES, app_settings
 from .exceptions import IdempotencyConfigurationError
@@ -107,6 +108,236 @@ def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[CheckMess
                     hint="Keep the acks_late=True default of @idempotent_task.",
                     obj=name,
                     id="idempotency.W003",
+                )
+            )
+    return messages
+
+
+# --- Lifecycle: purge settings, redelivery horizon, the table's unique constraint -------------
+
+
+@register("idempotency")
+def check_lifecycle_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    try:
+        batch_size = app_settings.PURGE_BATCH_SIZE
+        horizon = app_settings.REDELIVERY_HORIZON
+        prometheus = app_settings.PROMETHEUS_METRICS
+    except IdempotencyConfigurationError:
+        return []  # reported as E001
+    messages: list[CheckMessage] = []
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        messages.append(
+            Error(
+                f"IDEMPOTENCY['PURGE_BATCH_SIZE'] must be a positive integer, not {batch_size!r}",
+                id="idempotency.E007",
+            )
+        )
+    if horizon is not None and (not isinstance(horizon, timedelta) or horizon < timedelta(0)):
+        messages.append(
+            Error(
+                f"IDEMPOTENCY['REDELIVERY_HORIZON'] must be a timedelta or None, not {horizon!r}",
+                id="idempotency.E008",
+            )
+        )
+    if prometheus:
+        from .metrics import prometheus_available
+
+        if not prometheus_available():
+            messages.append(
+                Warning(
+                    "IDEMPOTENCY['PROMETHEUS_METRICS'] is on but prometheus-client is not "
+                    "installed: no metrics are exported.",
+                    hint="pip install prometheus-client, or turn the setting off.",
+                    id="idempotency.W004",
+                )
+            )
+    return messages
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """How long after its first delivery an event may come back, and why."""
+
+    delay: timedelta
+    source: str
+    #: The consumer (task name) it applies to; None: every consumer.
+    consumer: str | None = None
+
+
+#: Kombu's visibility timeouts when the broker options set none (seconds).
+DEFAULT_VISIBILITY_TIMEOUTS = {"redis": 3600, "rediss": 3600, "sentinel": 3600, "sqs": 1800}
+
+#: Stands for "retries without a limit": longer than any retention.
+UNBOUNDED = timedelta.max
+
+
+def _celery_app() -> Any:
+    """The project's Celery app, or None without Celery (it is optional)."""
+    try:
+        from celery import current_app
+    except ImportError:
+        return None
+    return current_app
+
+
+def broker_horizon(app: Any) -> Horizon | None:
+    """Redis and SQS hand an unacknowledged message out again after the visibility timeout."""
+    options = app.conf.broker_transport_options or {}
+    if "visibility_timeout" in options:
+        seconds = options["visibility_timeout"]
+        where = "broker_transport_options['visibility_timeout']"
+    else:
+        scheme = str(app.conf.broker_url or "").partition("://")[0].partition("+")[0]
+        if scheme not in DEFAULT_VISIBILITY_TIMEOUTS:
+            return None  # RabbitMQ redelivers at once, when the consumer's channel closes
+        seconds = DEFAULT_VISIBILITY_TIMEOUTS[scheme]
+        where = f"the {scheme} transport's default visibility_timeout"
+    return Horizon(timedelta(seconds=float(seconds)), f"{where} ({_human(seconds)})")
+
+
+def retry_horizon(app: Any, task: Any) -> Horizon:
+    """The longest a task's retries may be spread over: a retried copy of an event comes back
+    after another copy was processed.
+
+    It reads the task's attributes and Celery's ``task_annotations`` for it: ``max_retries``
+    (``retry_kwargs['max_retries']``), ``default_retry_delay`` (``retry_kwargs['countdown']``)
+    for retries the task asks for itself, and for ``autoretry_for`` retries with
+    ``retry_backoff``, the sum of the exponential delays capped at ``retry_backoff_max``.
+    """
+    from celery.app.annotations import resolve_all
+
+    names = (
+        "max_retries",
+        "default_retry_delay",
+        "retry_kwargs",
+        "retry_backoff",
+        "retry_backoff_max",
+        "autoretry_for",
+    )
+    attrs = {name: getattr(task, name, None) for name in names}
+    annotations: Any = resolve_all(app.annotations, task)
+    for annotation in annotations:
+        attrs.update({k: v for k, v in annotation.items() if k in names})
+    retry_kwargs = attrs["retry_kwargs"] or {}
+    max_retries = retry_kwargs.get("max_retries", attrs["max_retries"])
+    if max_retries is None:
+        return Horizon(UNBOUNDED, f"task {task.name!r} retries without limit", task.name)
+    delay = float(retry_kwargs.get("countdown", attrs["default_retry_delay"]) or 0)
+    total = max_retries * delay
+    source = f"max_retries={max_retries} x default_retry_delay={_human(delay)}"
+    if attrs["autoretry_for"] and attrs["retry_backoff"]:
+        factor = int(max(1.0, float(attrs["retry_backoff"])))
+        cap = attrs["retry_backoff_max"] if attrs["retry_backoff_max"] is not None else 600
+        backoff = 0
+        for n in range(max_retries):
+            if factor * 2**n >= cap:  # every later retry waits the cap
+                backoff += cap * (max_retries - n)
+                break
+            backoff += factor * 2**n
+        if backoff > total:
+            total = backoff
+            source = f"{max_retries} retries backing off up to retry_backoff_max={_human(cap)}"
+    return Horizon(timedelta(seconds=total), f"task {task.name!r}: {source}", task.name)
+
+
+def redelivery_horizons(app: Any) -> list[Horizon]:
+    horizons: list[Horizon] = []
+    configured = app_settings.REDELIVERY_HORIZON
+    if isinstance(configured, timedelta):
+        horizons.append(Horizon(configured, f"IDEMPOTENCY['REDELIVERY_HORIZON'] ({configured})"))
+    if app is None:
+        return horizons
+    broker = broker_horizon(app)
+    if broker is not None:
+        horizons.append(broker)
+    for _name, task in sorted(app.tasks.items()):
+        if getattr(task, "idempotent", False) is True:
+            horizons.append(retry_horizon(app, task))
+    return horizons
+
+
+@register("idempotency")
+def check_retention_outlasts_redelivery(
+    app_configs: Any = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """A record purged before its event's last redelivery lets that delivery through."""
+    try:
+        retention = app_settings.RETENTION
+        overrides = app_settings.CONSUMER_RETENTION
+        app_settings.REDELIVERY_HORIZON  # noqa: B018 (validated by E008)
+    except IdempotencyConfigurationError:
+        return []  # reported as E001
+    overrides = overrides if isinstance(overrides, dict) else {}
+    horizons = redelivery_horizons(_celery_app())
+    entries: list[tuple[str, Any, list[Horizon]]] = [
+        (
+            "RETENTION",
+            retention,
+            [h for h in horizons if h.consumer is None or h.consumer not in overrides],
+        )
+    ]
+    for name, value in overrides.items():
+        relevant = [h for h in horizons if h.consumer in (None, name)]
+        entries.append((f"CONSUMER_RETENTION[{name!r}]", value, relevant))
+    messages: list[CheckMessage] = []
+    for label, value, relevant in entries:
+        if not isinstance(value, timedelta) or value <= timedelta(0) or not relevant:
+            continue  # None keeps records forever; a bad value is E003
+        longest = max(relevant, key=lambda h: h.delay)
+        if value < longest.delay:
+            messages.append(
+                Warning(
+                    f"IDEMPOTENCY[{label}] ({value}) is shorter than the redelivery horizon: "
+                    f"{longest.source}. A record purged before its event's last redelivery "
+                    "lets that delivery be processed again.",
+                    hint="Keep records longer than every redelivery: raise the retention, or "
+                    "shorten the broker's visibility timeout or the task's retries.",
+                    id="idempotency.W001",
+                )
+            )
+    return messages
+
+
+def _human(seconds: float) -> str:
+    return str(timedelta(seconds=float(seconds)))
+
+
+@register("idempotency", Tags.database)
+def check_unique_constraint(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """Without the unique constraint, two concurrent claims of an event both succeed."""
+    if not databases:
+        return []  # a database check: run by migrate and by check --database
+    from django.db import connections, router
+
+    from .models import ProcessedEvent
+
+    table = ProcessedEvent._meta.db_table
+    wanted = {
+        field.column
+        for field in ProcessedEvent._meta.concrete_fields
+        if field.name in ("event_id", "consumer")
+    }
+    messages: list[CheckMessage] = []
+    for alias in databases:
+        if not router.allow_migrate_model(alias, ProcessedEvent):
+            continue
+        connection = connections[alias]
+        with connection.cursor() as cursor:
+            if table not in connection.introspection.table_names(cursor):
+                continue  # not migrated yet: the migration creates the constraint with it
+            constraints = connection.introspection.get_constraints(cursor, table)
+        if not any(c["unique"] and set(c["columns"]) == wanted for c in constraints.values()):
+            messages.append(
+                Error(
+                    f"the table {table} in database {alias!r} has no unique constraint on "
+                    "(event_id, consumer): concurrent deliveries of an event can both be "
+                    "processed, and the claim's ON CONFLICT clause fails.",
+                    hint="Restore idempotency_unique_consumer_event (see migration "
+                    "idempotency 0001), after removing any duplicate rows.",
+                    obj=ProcessedEvent,
+                    id="idempotency.E006",
                 )
             )
     return messages

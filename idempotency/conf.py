@@ -34,6 +34,20 @@ DEFAULTS: dict[str, Any] = {
     # Count discarded duplicates on the record. Off: it makes every duplicate a write (and a
     # WAL flush at commit), several times the cost of a read-only discard.
     "RECORD_DUPLICATES": False,
+    # HTTP Idempotency-Key: how long an unfinished request's key answers 409 when no live
+    # transaction holds it (its process died). On PostgreSQL a live request holds a row lock
+    # instead, however long it runs. Completed keys are kept for RETENTION, like events.
+    "HTTP_LEASE": timedelta(minutes=1),
+    # Records a purge deletes per transaction (one primary-key range). Small enough that a
+    # claim of an expiring event waits a few milliseconds at most, large enough that commits
+    # do not dominate. See docs/lifecycle.md for the measurements.
+    "PURGE_BATCH_SIZE": 10_000,
+    # The longest time after which a producer may publish an event again (an outbox relay's
+    # retry window, a replay), which nothing in Celery's configuration reveals. Check W001
+    # warns when a retention is shorter. None: not known.
+    "REDELIVERY_HORIZON": None,
+    # Export the counters of idempotency.metrics to Prometheus (needs prometheus-client).
+    "PROMETHEUS_METRICS": False,
 }
 
 MISMATCH_POLICIES = ("raise", "discard")

@@ -57,3 +57,28 @@ class PayloadMismatch(IdempotencyError, ValueError):
             type(self),
             (self.consumer, self.event_id, self.stored_fingerprint, self.received_fingerprint),
         )
+
+
+class InvalidIdempotencyKey(IdempotencyError, ValueError):
+    """An HTTP ``Idempotency-Key`` header that cannot be used (empty, too long, not ASCII)."""
+
+
+class MissingIdempotencyKey(InvalidIdempotencyKey):
+    """An endpoint that requires an ``Idempotency-Key`` header was called without one."""
+
+
+class IdempotencyKeyInUse(IdempotencyError):
+    """A request with this ``Idempotency-Key`` is still being processed."""
+
+    def __init__(self, key: str, retry_after: int) -> None:
+        self.key = key
+        self.retry_after = retry_after
+        super().__init__(f"a request with idempotency key {key!r} is still in progress")
+
+
+class IdempotencyKeyReused(IdempotencyError, ValueError):
+    """An ``Idempotency-Key`` was sent again with a different request (method, path or body)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"idempotency key {key!r} was already used for a different request")

@@ -243,6 +243,14 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         signals.event_processed.send(
             sender=ProcessedEvent, consumer=self.consumer, event_id=self.event_id, record=record
         )
+        if record.outcome == Outcome.REJECTED:
+            signals.event_rejected.send(
+                sender=ProcessedEvent,
+                consumer=self.consumer,
+                event_id=self.event_id,
+                record=record,
+                reason=record.reason,
+            )
 
 
 def current_claim() -> idempotent | None:

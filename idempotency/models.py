@@ -1,10 +1,19 @@
 from __future__ import annotations
 
-from datetime import datetime
+import operator
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from functools import reduce
+from typing import NamedTuple
 
-from django.db import models
+from django.db import DEFAULT_DB_ALIAS, models, router, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+
+from . import signals
+from .conf import app_settings
 
 
 class Outcome(models.TextChoices):
@@ -24,6 +33,171 @@ class ProcessedEventQuerySet(models.QuerySet["ProcessedEvent"]):
 
     def mismatched(self) -> ProcessedEventQuerySet:
         return self.exclude(mismatch_fingerprint="")
+
+    def purgeable(
+        self,
+        before: datetime | None = None,
+        *,
+        consumer: str | None = None,
+        now: datetime | None = None,
+    ) -> ProcessedEventQuerySet:
+        """The records a purge with the same arguments deletes (see :meth:`purge_batches`)."""
+        condition = _retention_condition(retention_cutoffs(before, consumer=consumer, now=now))
+        return self.none() if condition is None else self.filter(condition)
+
+    def purge(
+        self,
+        before: datetime | None = None,
+        *,
+        batch_size: int | None = None,
+        consumer: str | None = None,
+        now: datetime | None = None,
+    ) -> int:
+        """Delete the records past their retention, batch by batch; the number deleted."""
+        batches = self.purge_batches(before, batch_size=batch_size, consumer=consumer, now=now)
+        return sum(batch.deleted for batch in batches)
+
+    def purge_batches(
+        self,
+        before: datetime | None = None,
+        *,
+        batch_size: int | None = None,
+        consumer: str | None = None,
+        now: datetime | None = None,
+    ) -> Iterator[PurgeBatch]:
+        """Delete the records past their retention, yielding each batch once it has committed.
+
+        Without *before*, each consumer keeps its records for ``retention_for(consumer)``;
+        with it, *before* replaces ``RETENTION`` but a consumer listed in
+        ``CONSUMER_RETENTION`` keeps its own retention unless it is the *consumer* purged. A
+        consumer whose retention is ``None`` is never purged.
+
+        The sweep walks the primary key from the oldest record up to the newest expired one,
+        one range of *batch_size* ids per transaction: each batch is an index range scan that
+        locks only the expired rows it deletes, for milliseconds, so claims go on meanwhile and
+        an interrupted purge keeps the batches that committed. Inside a transaction of the
+        caller's, the batches are savepoints and nothing commits before the caller does.
+        """
+        size = app_settings.PURGE_BATCH_SIZE if batch_size is None else batch_size
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {size!r}")
+        cutoffs = retention_cutoffs(before, consumer=consumer, now=now)
+        condition = _retention_condition(cutoffs)
+        if condition is None:
+            return
+        # The writable database, even for a queryset not yet marked for writing.
+        using = self._db or router.db_for_write(self.model) or DEFAULT_DB_ALIAS  # type: ignore[attr-defined]
+        span = _sweep_span(self.model._base_manager.using(using), cutoffs.latest())
+        if span is None:
+            return
+        first, last = span
+        targets = self.using(using).filter(condition)
+        label = self.model._meta.label
+        start = first
+        while start <= last:
+            end = min(start + size, last + 1)
+            with _batch_transaction(using):
+                _, per_model = targets.filter(pk__gte=start, pk__lt=end).delete()
+            deleted = per_model.get(label, 0)
+            signals.events_purged.send(sender=self.model, count=deleted, using=using)
+            yield PurgeBatch(deleted=deleted, swept=end - first, span=last + 1 - first)
+            start = end
+
+
+class PurgeBatch(NamedTuple):
+    """One committed batch of a purge."""
+
+    #: Records the batch deleted.
+    deleted: int
+    #: Ids swept so far, out of *span*: the purge's progress.
+    swept: int
+    span: int
+
+
+class RetentionCutoffs(NamedTuple):
+    """Per consumer, the time before which its records may go (``None``: kept forever)."""
+
+    #: For every consumer not in *consumers*.
+    others: datetime | None
+    consumers: dict[str, datetime | None]
+
+    def latest(self) -> datetime:
+        return max(c for c in (self.others, *self.consumers.values()) if c is not None)
+
+
+#: How many of the newest expired records are read to find where a purge's sweep ends. Ids
+#: follow processed_at except among claims made moments apart, whose order may differ.
+PURGE_TAIL_WINDOW = 1000
+
+
+def retention_cutoffs(
+    before: datetime | None = None,
+    *,
+    consumer: str | None = None,
+    now: datetime | None = None,
+) -> RetentionCutoffs:
+    """The cutoffs of a purge: *before*, or ``now - retention``, per consumer."""
+    now = now or timezone.now()
+
+    def cutoff(retention: timedelta | None) -> datetime | None:
+        return None if retention is None else now - retention
+
+    if consumer is not None:
+        retention = app_settings.retention_for(consumer)
+        only = None if retention is None else (before or now - retention)
+        return RetentionCutoffs(others=None, consumers={consumer: only})
+    overrides: dict[str, timedelta | None] = app_settings.CONSUMER_RETENTION
+    others = before or cutoff(app_settings.RETENTION)
+    if app_settings.RETENTION is None:
+        others = None  # an explicit *before* does not purge what the settings keep forever
+    return RetentionCutoffs(
+        others=others, consumers={name: cutoff(value) for name, value in overrides.items()}
+    )
+
+
+def _retention_condition(cutoffs: RetentionCutoffs) -> models.Q | None:
+    parts = [
+        models.Q(consumer=name, processed_at__lt=cutoff)
+        for name, cutoff in cutoffs.consumers.items()
+        if cutoff is not None
+    ]
+    if cutoffs.others is not None:
+        others = models.Q(processed_at__lt=cutoffs.others)
+        if cutoffs.consumers:
+            others &= ~models.Q(consumer__in=list(cutoffs.consumers))
+        parts.append(others)
+    return reduce(operator.or_, parts) if parts else None
+
+
+def _sweep_span(table: models.QuerySet[ProcessedEvent], latest: datetime) -> tuple[int, int] | None:
+    """The id range a purge sweeps: from the oldest record to the newest expired one.
+
+    Both ends are index lookups. An expired record with an id above the end (a claim that
+    took its id after a later one's, a backdated import) is left to a later purge.
+    """
+    first = table.order_by("pk").values_list("pk", flat=True).first()
+    newest = table.filter(processed_at__lt=latest).order_by("-processed_at")
+    tail = list(newest.values_list("pk", flat=True)[:PURGE_TAIL_WINDOW])
+    if first is None or not tail:
+        return None
+    return first, max(tail)
+
+
+@contextmanager
+def _batch_transaction(using: str) -> Iterator[None]:
+    """One purge batch's transaction.
+
+    On PostgreSQL its commit does not wait for the WAL flush: a batch lost in a crash only
+    leaves expired records to the next purge. Never so inside a transaction of the caller's,
+    whose durability is not the purge's to change.
+    """
+    connection = transaction.get_connection(using)
+    outermost = not connection.in_atomic_block
+    with transaction.atomic(using=using):
+        if outermost and connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        yield
 
 
 class ProcessedEvent(models.Model):
@@ -99,3 +273,191 @@ class ProcessedEvent(models.Model):
     @property
     def has_mismatch(self) -> bool:
         return bool(self.mismatch_fingerprint)
+
+
+class KeyState(models.TextChoices):
+    IN_PROGRESS = "in_progress", _("in progress")
+    COMPLETED = "completed", _("completed")
+
+
+class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
+    def for_owner(self, owner: str) -> IdempotencyKeyQuerySet:
+        return self.filter(owner=owner)
+
+    def expired(self, before: datetime) -> IdempotencyKeyQuerySet:
+        return self.filter(created_at__lt=before)
+
+    def purge_batches(self, *, before: datetime, batch_size: int = 1000) -> Iterator[int]:
+        """Delete the keys created before *before*, yielding each batch's count as it commits.
+
+        Each batch is the next *batch_size* expired primary keys, deleted as one primary-key
+        range in its own transaction, so no lock is held for long and an interrupted purge
+        keeps what it already did.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        # The writable database: a purge must not start its transactions on a replica.
+        chosen: str | None = self._db  # type: ignore[attr-defined]
+        using = chosen or router.db_for_write(self.model) or DEFAULT_DB_ALIAS
+        expired = self.using(using).expired(before).order_by("pk")
+        after = 0
+        while True:
+            pks = list(expired.filter(pk__gt=after).values_list("pk", flat=True)[:batch_size])
+            if not pks:
+                return
+            with transaction.atomic(using=using):
+                count, _ = expired.filter(pk__range=(pks[0], pks[-1])).delete()
+            after = pks[-1]
+            yield count
+
+    def purge(self, *, before: datetime, batch_size: int = 1000) -> int:
+        """Delete the keys created before *before* in batches; the number deleted."""
+        return sum(self.purge_batches(before=before, batch_size=batch_size))
+
+
+class IdempotencyKey(models.Model):
+    """An HTTP ``Idempotency-Key``, scoped to its owner and endpoint, and the response it got.
+
+    The row is committed as an "in progress" marker before the view runs, then completed with
+    the response in the view's own transaction. See ``idempotency.http``.
+    """
+
+    owner = models.CharField(
+        _("owner"), max_length=150, help_text=_("Whom the key belongs to (the user's pk).")
+    )
+    endpoint = models.CharField(
+        _("endpoint"), max_length=255, help_text=_("The HTTP method and URL route.")
+    )
+    key = models.CharField(_("idempotency key"), max_length=255)
+    fingerprint = models.CharField(
+        _("request fingerprint"),
+        max_length=64,
+        help_text=_("SHA-256 of the method, path and canonical body of the first request."),
+    )
+    state = models.CharField(
+        _("state"), max_length=16, choices=KeyState.choices, default=KeyState.IN_PROGRESS
+    )
+    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+    locked_until = models.DateTimeField(
+        _("lease ends"),
+        help_text=_("Until then an unfinished request is assumed to be alive (HTTP_LEASE)."),
+    )
+    completed_at = models.DateTimeField(_("completed at"), null=True, blank=True)
+    response_status = models.PositiveSmallIntegerField(_("response status"), null=True, blank=True)
+    response_headers = models.JSONField(_("response headers"), default=dict, blank=True)
+    response_body = models.BinaryField(_("response body"), default=b"", blank=True)
+
+    objects = IdempotencyKeyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("idempotency key")
+        verbose_name_plural = _("idempotency keys")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "endpoint", "key"], name="idempotency_unique_http_key"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["created_at"], name="idempotency_key_created_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} {self.key}"
+
+    @property
+    def completed(self) -> bool:
+        return self.state == KeyState.COMPLETED
+
+
+class DeadLetterQuerySet(models.QuerySet["DeadLetter"]):
+    def pending(self) -> DeadLetterQuerySet:
+        """Not re-driven yet."""
+        return self.filter(redriven_at__isnull=True)
+
+    def redrivable(self) -> DeadLetterQuerySet:
+        """Those that name a task and carry its arguments."""
+        return self.exclude(task_name="").exclude(args__isnull=True)
+
+
+class DeadLetter(models.Model):
+    """A message that cannot succeed as it is, kept for inspection and re-drive.
+
+    Written by the Celery integration for every broker (RabbitMQ also dead-letters the message
+    itself); ``manage.py dead_letters`` lists and re-drives them.
+    """
+
+    class Reason(models.TextChoices):
+        INVALID_KEY = "invalid_key", _("no usable idempotency key")
+        FAILED = "failed", _("failed for good")
+        UNDECODABLE = "undecodable", _("undecodable message")
+        UNKNOWN_TASK = "unknown_task", _("unknown task")
+
+    reason = models.CharField(_("reason"), max_length=16, choices=Reason.choices)
+    task_name = models.CharField(_("task"), max_length=200, blank=True)
+    task_id = models.CharField(_("task id"), max_length=255, blank=True)
+    event_id = models.CharField(_("event id"), max_length=255, blank=True, db_index=True)
+    args = models.JSONField(_("arguments"), null=True, blank=True)
+    kwargs = models.JSONField(_("keyword arguments"), null=True, blank=True)
+    body = models.TextField(_("raw body"), blank=True, help_text=_("For undecodable messages."))
+    headers = models.JSONField(_("headers"), null=True, blank=True)
+    exception = models.TextField(_("exception"), blank=True)
+    traceback = models.TextField(_("traceback"), blank=True)
+    attempts = models.PositiveIntegerField(_("attempts"), default=1)
+    created_at = models.DateTimeField(_("dead-lettered at"), default=timezone.now, db_index=True)
+    redriven_at = models.DateTimeField(_("re-driven at"), null=True, blank=True)
+    redrive_count = models.PositiveIntegerField(_("times re-driven"), default=0)
+
+    objects = DeadLetterQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("dead letter")
+        verbose_name_plural = _("dead letters")
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.get_reason_display()}: {self.task_name or '?'} {self.event_id}".strip()
+
+    @property
+    def can_redrive(self) -> bool:
+        return bool(self.task_name) and self.args is not None
+
+
+class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
+    def pending(self) -> OutboxMessageQuerySet:
+        return self.filter(published_at__isnull=True)
+
+
+class OutboxMessage(models.Model):
+    """A task message stored in the producer's transaction, published by the relay afterwards.
+
+    ``transaction.on_commit`` alone loses the message if the process dies after the commit or
+    the broker is down; a row committed with the business data cannot be lost that way.
+    """
+
+    task_id = models.UUIDField(_("task id"), default=uuid.uuid4, unique=True, editable=False)
+    task_name = models.CharField(_("task"), max_length=200)
+    args = models.JSONField(_("arguments"), default=list)
+    kwargs = models.JSONField(_("keyword arguments"), default=dict)
+    options = models.JSONField(_("publish options"), default=dict, blank=True)
+    event_id = models.CharField(_("event id"), max_length=255, blank=True, db_index=True)
+    created_at = models.DateTimeField(_("stored at"), default=timezone.now)
+    published_at = models.DateTimeField(_("published at"), null=True, blank=True)
+    attempts = models.PositiveIntegerField(_("publish attempts"), default=0)
+    last_error = models.TextField(_("last error"), blank=True)
+
+    objects = OutboxMessageQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("outbox message")
+        verbose_name_plural = _("outbox messages")
+        indexes = [
+            # The relay's scan: the pending rows only, oldest first.
+            models.Index(
+                fields=["id"],
+                name="idempotency_outbox_pending",
+                condition=models.Q(published_at__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.event_id or self.task_id}"

@@ -14,3 +14,13 @@ duplicate_discarded = Signal()
 #: Arguments: ``sender``, ``consumer``, ``event_id``, ``record``, ``stored_fingerprint``,
 #: ``received_fingerprint``.
 payload_mismatch = Signal()
+
+#: Sent after :data:`event_processed` when the handler ended with a rejected (final, negative)
+#: outcome, see :func:`idempotency.inbox.reject`.
+#: Arguments: ``sender``, ``consumer``, ``event_id``, ``record``, ``reason``.
+event_rejected = Signal()
+
+#: Sent by a purge after each batch has committed, outside any transaction of the purge's own.
+#: Arguments: ``sender`` (ProcessedEvent class), ``count`` (records deleted by the batch),
+#: ``using`` (the database alias).
+events_purged = Signal()

@@ -1,13 +1,19 @@
 from django.urls import path
 
-from . import views
+from . import client_api, views
 
 app_name = "orders"
 
 urlpatterns = [
     path("events/", views.EventView.as_view(), name="events"),
     path("events/<str:event_id>/", views.EventStatusView.as_view(), name="event-status"),
-    path("orders/", views.OrderListView.as_view(), name="order-list"),
+    # GET lists the orders; POST places one (with an Idempotency-Key).
+    path("orders/", client_api.OrdersView.as_view(), name="orders"),
+    path(
+        "orders/requests/<uuid:request_id>/",
+        client_api.OrderRequestView.as_view(),
+        name="order-request",
+    ),
     path("orders/<str:order_id>/", views.OrderDetailView.as_view(), name="order-detail"),
     path("products/<str:product_id>/", views.ProductDetailView.as_view(), name="product-detail"),
     path(

@@ -18,6 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from idempotency import outbox
 from idempotency.models import Outcome, ProcessedEvent
 
 from .events import EVENT_TYPES
@@ -95,9 +96,10 @@ class EventView(APIView):
         description="\n\n".join(
             [
                 "Accepts one event object, or a JSON list of up to 500 (validated all or "
-                "nothing). Each accepted event is published to its Celery task after the "
-                "request's transaction commits. Posting an event again is accepted again; its "
-                "effect still happens once.",
+                "nothing). Each accepted event is stored in the outbox in the request's "
+                "transaction and published to its Celery task after the commit (by the relay "
+                "if the broker is away). Posting an event again is accepted again; its effect "
+                "still happens once.",
                 *(f"**{name}**: {kind.description}" for name, kind in EVENT_TYPES.items()),
             ]
         ),
@@ -114,9 +116,10 @@ class EventView(APIView):
         batch = isinstance(data, list)
         events = validate_batch(data) if batch else [validate_event(data)]
         with transaction.atomic():
-            # Published only once the transaction commits, never for work that rolled back.
+            # Stored with this transaction, published after it commits: not lost if the
+            # broker is down or this process dies in between (the relay publishes it then).
             for event, task in events:
-                task.delay_on_commit(event)
+                outbox.enqueue(task, [event], event_id=event["eventId"])
         accepted = [{"eventId": event["eventId"], "status": "accepted"} for event, _ in events]
         return Response(accepted if batch else accepted[0], status=status.HTTP_202_ACCEPTED)
 

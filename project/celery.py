@@ -1,11 +1,44 @@
 """The Celery app: ``celery -A project worker``. Settings come from Django's ``CELERY_*``."""
 
-import os
+from __future__ import annotations
 
-from celery import Celery
+import os
+from typing import Any
+
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 app = Celery("project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@signals.worker_init.connect
+def declare_dead_letter_queue(**kwargs: Any) -> None:
+    """RabbitMQ: make sure the queue that receives rejected messages exists."""
+    from django.conf import settings
+
+    from project.queues import dead_letter_queue
+
+    with app.connection_for_write() as connection:
+        if connection.transport.driver_type != "amqp":
+            return
+        dead_letter_queue(settings.CELERY_QUEUE).bind(connection.default_channel).declare()
+
+
+@signals.task_prerun.connect
+@signals.task_postrun.connect
+def close_broken_connections(sender: Any = None, **kwargs: Any) -> None:
+    """What Django does around each request: drop a connection that broke or grew too old.
+
+    With CELERY_DB_REUSE_MAX the fix-up keeps connections open across tasks (a new PostgreSQL
+    connection per task costs more than a small task itself); this keeps that safe.
+    """
+    from django.db import connections
+
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return  # run in the caller's process and transaction: not ours to close
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()

@@ -11,8 +11,11 @@ import os
 import secrets
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
+
+from project import queues as project_queues
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
@@ -129,8 +132,39 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Celery ---------------------------------------------------------------------------------
+# At-least-once made safe: a message is acknowledged only after its task's transaction
+# committed (acks_late); a worker killed mid-task gives its message back (reject on worker lost);
+# a worker holds one message at a time (prefetch 1), so a crash strands no others.
 BROKER_DIR = VAR_DIR / "broker"
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A task that fails for good is rejected, not acknowledged: RabbitMQ dead-letters it, and the
+# idempotency app records it as a dead letter in the database on every broker.
+CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT = False
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# The longest a task may run; it bounds how long a message can legitimately stay unacknowledged.
+CELERY_TASK_TIME_LIMIT = 300
+CELERY_TASK_SOFT_TIME_LIMIT = 270
+# The longest countdown a task schedules (the out-of-order retries back off to 5 minutes).
+MAX_RETRY_DELAY = 300
+# Reuse database connections across tasks: Celery 5.5's Django fix-up honours CONN_MAX_AGE, other
+# versions close them around every task unless CELERY_DB_REUSE_MAX is set. project/celery.py
+# still closes a connection that broke or outlived CONN_MAX_AGE.
+CELERY_DB_REUSE_MAX = int(os.environ.get("CELERY_DB_REUSE_MAX", "1000"))
+
+CELERY_QUEUE = os.environ.get("CELERY_QUEUE", "orders")
+CELERY_TASK_DEFAULT_QUEUE = CELERY_QUEUE
+CELERY_TASK_QUEUES = [project_queues.work_queue(CELERY_QUEUE)]
+CELERY_TASK_CREATE_MISSING_QUEUES = False
+# Keeps undecodable messages and unknown tasks as dead letters instead of dropping them.
+CELERY_WORKER_CONSUMER = "idempotency.celery:DeadLetterConsumer"
+
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
     for folder in ("queue", "control"):
         (BROKER_DIR / folder).mkdir(parents=True, exist_ok=True)
@@ -139,13 +173,21 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_out": str(BROKER_DIR / "queue"),
         "control_folder": str(BROKER_DIR / "control"),
     }
-CELERY_TASK_ACKS_LATE = True
-CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_SERIALIZER = "json"
-CELERY_ACCEPT_CONTENT = ["json"]
-CELERY_TASK_IGNORE_RESULT = True
-CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+elif CELERY_BROKER_URL.startswith(("amqp://", "pyamqp://")):
+    # Publisher confirms: delay() returns only once RabbitMQ has taken the message.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # Redis redelivers an unacknowledged message after visibility_timeout; it must outlast the
+    # longest task plus the longest countdown, or a healthy slow task is delivered twice (the
+    # inbox would discard it, but it would run its side effects outside the database twice).
+    # The price: a message of a worker that died comes back only after this long.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": int(
+            os.environ.get(
+                "CELERY_VISIBILITY_TIMEOUT", CELERY_TASK_TIME_LIMIT + MAX_RETRY_DELAY + 300
+            )
+        ),
+    }
 
 # --- The idempotency app --------------------------------------------------------------------
 IDEMPOTENCY = {
@@ -169,3 +211,11 @@ LOGGING = {
         "celery": {"level": "INFO"},
     },
 }
+
+# --- Lifecycle of the idempotency records ---------------------------------------------------
+# Celery beat runs idempotency.tasks.purge_processed_events daily at 03:17 UTC. The schedule
+# lives in the database (orders migration 0002 creates it), so it shows in the admin's
+# periodic tasks, where it can be changed or paused; run beat with:
+#   celery -A project beat
+INSTALLED_APPS += ["django_celery_beat"]
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"

@@ -17,11 +17,14 @@ if [[ "${CELERY_BROKER_URL:-filesystem://}" == filesystem://* ]]; then
 fi
 $BIN/celery -A project worker "${worker_args[@]}" &
 worker=$!
+# Publishes what the web process stored in the outbox but could not publish itself.
+$BIN/python manage.py relay_outbox --forever --interval 2 &
+relay=$!
 
 stop() {
   trap - EXIT INT TERM
-  kill -TERM "$worker" 2>/dev/null || true
-  wait "$worker" 2>/dev/null || true
+  kill -TERM "$worker" "$relay" 2>/dev/null || true
+  wait "$worker" "$relay" 2>/dev/null || true
 }
 trap stop EXIT INT TERM
 

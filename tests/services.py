@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -85,12 +85,22 @@ def celery_worker(
     queues: str = "celery",
     log: Path,
     extra_env: dict[str, str] | None = None,
+    include: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    hostname: str | None = None,
+    ready_timeout: float = 60,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A real `celery worker` process on the test database, stopped (and reaped) on exit."""
+    """A real `celery worker` process on the test database, stopped (and reaped) on exit.
+
+    *include* names extra modules the worker imports (``--include``), such as test-only tasks
+    or fault hooks; *extra_args* are appended to the command line. A worker that is already
+    dead on exit (a test killed it) is only reaped.
+    """
     env = {
         **os.environ,
         "DATABASE_URL": database_url(),
         "CELERY_BROKER_URL": broker_url,
+        "CELERY_QUEUE": queues,
         "CELERY_SKIP_CHECKS": "1",
         **(extra_env or {}),
     }
@@ -109,14 +119,17 @@ def celery_worker(
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
-        f"--hostname=test-{os.getpid()}-{time.monotonic_ns()}@%h",
+        f"--hostname={hostname or f'test-{os.getpid()}-{time.monotonic_ns()}'}@%h",
     ]
+    if include:
+        command.append(f"--include={','.join(include)}")
+    command.extend(extra_args)
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(
             lambda: process.poll() is not None or b" ready." in log.read_bytes(),
-            60,
+            ready_timeout,
             f"the celery worker to start (log: {log})",
         )
         if process.poll() is not None:

@@ -1,14 +1,28 @@
 from __future__ import annotations
 
+import io
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from celery import Celery
 from django.core.checks import Error, Warning
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.db import connection
 from django.test import override_settings
 
+from idempotency import checks, metrics
 from idempotency.celery import idempotent_task
-from idempotency.checks import check_celery_tasks, check_inbox_routing, check_settings
+from idempotency.checks import (
+    check_celery_tasks,
+    check_inbox_routing,
+    check_lifecycle_settings,
+    check_retention_outlasts_redelivery,
+    check_settings,
+    check_unique_constraint,
+)
+from idempotency.models import ProcessedEvent
 
 
 @idempotent_task(acks_late=False)
@@ -84,3 +98,212 @@ def test_an_idempotent_task_without_acks_late_is_w003() -> None:
     flagged = [m.obj for m in messages if m.id == "idempotency.W003"]
     assert acks_early.name in flagged
     assert "orders.tasks.place_order" not in flagged
+
+
+# --- Lifecycle checks: W001, E006, E007, E008, W004 --------------------------------------------
+
+
+@pytest.fixture
+def celery_app(monkeypatch: pytest.MonkeyPatch) -> Celery:
+    """A Celery app of the test's own, seen by the checks instead of the project's."""
+    app = Celery("checks", set_as_current=False)
+    app.conf.broker_url = "memory://"
+    monkeypatch.setattr(checks, "_celery_app", lambda: app)
+    return app
+
+
+def w001(**idempotency: Any) -> list[str]:
+    with override_settings(IDEMPOTENCY=idempotency):
+        messages = check_retention_outlasts_redelivery()
+    assert {m.id for m in messages} <= {"idempotency.W001"}
+    assert all(isinstance(m, Warning) for m in messages)
+    return [m.msg for m in messages]
+
+
+def test_the_project_outlasts_its_redelivery_horizon() -> None:
+    assert check_retention_outlasts_redelivery() == []
+
+
+def test_a_retention_shorter_than_the_visibility_timeout_is_w001(celery_app: Celery) -> None:
+    celery_app.conf.broker_transport_options = {"visibility_timeout": 7200}
+    (message,) = w001(RETENTION=timedelta(hours=1))
+    assert "IDEMPOTENCY[RETENTION] (1:00:00)" in message
+    assert "broker_transport_options['visibility_timeout'] (2:00:00)" in message
+    assert w001(RETENTION=timedelta(hours=3)) == []
+
+
+def test_redis_and_sqs_have_a_visibility_timeout_by_default(celery_app: Celery) -> None:
+    celery_app.conf.broker_url = "redis://127.0.0.1:6379/0"
+    (message,) = w001(RETENTION=timedelta(minutes=30))
+    assert "the redis transport's default visibility_timeout (1:00:00)" in message
+    celery_app.conf.broker_url = "sqs://"
+    assert checks.broker_horizon(celery_app) == checks.Horizon(
+        timedelta(minutes=30), "the sqs transport's default visibility_timeout (0:30:00)"
+    )
+    celery_app.conf.broker_url = "amqp://guest@127.0.0.1//"
+    assert checks.broker_horizon(celery_app) is None  # RabbitMQ redelivers at once
+
+
+def test_a_retention_shorter_than_a_tasks_retries_is_w001(celery_app: Celery) -> None:
+    @celery_app.task(
+        shared=False, name="checks.slow", idempotent=True, max_retries=10, default_retry_delay=3600
+    )
+    def slow(event: Any) -> None:
+        pass
+
+    (message,) = w001(RETENTION=timedelta(hours=5))
+    assert "task 'checks.slow': max_retries=10 x default_retry_delay=1:00:00" in message
+    assert w001(RETENTION=timedelta(hours=11)) == []
+
+
+def test_a_consumers_own_retention_is_checked_against_its_task(celery_app: Celery) -> None:
+    @celery_app.task(
+        shared=False, name="checks.slow", idempotent=True, max_retries=10, default_retry_delay=3600
+    )
+    def slow(event: Any) -> None:
+        pass
+
+    (message,) = w001(CONSUMER_RETENTION={"checks.slow": timedelta(hours=5)})
+    assert message.startswith("IDEMPOTENCY[CONSUMER_RETENTION['checks.slow']] (5:00:00)")
+    # The global retention no longer answers for that task.
+    assert w001(RETENTION=timedelta(hours=5), CONSUMER_RETENTION={"checks.slow": None}) == []
+
+
+def test_a_task_that_retries_forever_outlasts_any_retention(celery_app: Celery) -> None:
+    @celery_app.task(shared=False, name="checks.forever", idempotent=True, max_retries=None)
+    def forever(event: Any) -> None:
+        pass
+
+    (message,) = w001(RETENTION=timedelta(days=3650))
+    assert "task 'checks.forever' retries without limit" in message
+
+
+def test_tasks_that_are_not_idempotent_do_not_count(celery_app: Celery) -> None:
+    @celery_app.task(shared=False, name="checks.plain", max_retries=None)
+    def plain(event: Any) -> None:
+        pass
+
+    assert w001() == []
+
+
+@pytest.mark.parametrize(
+    ("options", "seconds", "source"),
+    [
+        ({"max_retries": 3, "default_retry_delay": 60}, 180, "max_retries=3 x "),
+        (
+            {"autoretry_for": (ValueError,), "retry_backoff": True, "retry_backoff_max": 10},
+            1 + 2 + 4 + 8 + 10,
+            "5 retries backing off up to retry_backoff_max=0:00:10",
+        ),
+        (
+            {"autoretry_for": (ValueError,), "retry_backoff": 4, "max_retries": 3},
+            4 + 8 + 16,
+            "3 retries backing off",
+        ),
+        ({"retry_kwargs": {"max_retries": 2, "countdown": 30}}, 60, "max_retries=2 x "),
+    ],
+)
+def test_retry_horizon(
+    celery_app: Celery, options: dict[str, Any], seconds: int, source: str
+) -> None:
+    options = {"max_retries": 5, "default_retry_delay": 1, **options}
+
+    @celery_app.task(shared=False, name="checks.retried", idempotent=True, **options)
+    def retried(event: Any) -> None:
+        pass
+
+    horizon = checks.retry_horizon(celery_app, celery_app.tasks["checks.retried"])
+    assert horizon.delay == timedelta(seconds=seconds)
+    assert source in horizon.source
+    assert horizon.consumer == "checks.retried"
+
+
+def test_task_annotations_are_read(celery_app: Celery) -> None:
+    celery_app.conf.task_annotations = {"checks.annotated": {"max_retries": 100}}
+
+    @celery_app.task(shared=False, name="checks.annotated", idempotent=True, default_retry_delay=60)
+    def annotated(event: Any) -> None:
+        pass
+
+    horizon = checks.retry_horizon(celery_app, celery_app.tasks["checks.annotated"])
+    assert horizon.delay == timedelta(seconds=6000)
+
+
+def test_the_configured_redelivery_horizon_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "_celery_app", lambda: None)  # without Celery too
+    (message,) = w001(REDELIVERY_HORIZON=timedelta(days=40))
+    assert "IDEMPOTENCY['REDELIVERY_HORIZON'] (40 days, 0:00:00)" in message
+    assert w001(REDELIVERY_HORIZON=timedelta(days=20)) == []
+    assert w001() == []
+
+
+def test_w001_leaves_none_and_invalid_retentions_to_other_checks(celery_app: Celery) -> None:
+    celery_app.conf.broker_transport_options = {"visibility_timeout": 7200}
+    assert w001(RETENTION=None) == []
+    assert w001(RETENTION=timedelta(0)) == []
+    with override_settings(IDEMPOTENCY={"RETENTON": 1}):
+        assert check_retention_outlasts_redelivery() == []
+
+
+@pytest.mark.parametrize("value", [0, -5, "100", True, 2.5])
+def test_a_bad_purge_batch_size_is_e007(value: object) -> None:
+    with override_settings(IDEMPOTENCY={"PURGE_BATCH_SIZE": value}):
+        assert ids(check_lifecycle_settings()) == ["idempotency.E007"]
+
+
+@pytest.mark.parametrize("value", ["40d", 40, timedelta(days=-1)])
+def test_a_bad_redelivery_horizon_is_e008(value: object) -> None:
+    with override_settings(IDEMPOTENCY={"REDELIVERY_HORIZON": value}):
+        assert ids(check_lifecycle_settings()) == ["idempotency.E008"]
+
+
+def test_prometheus_metrics_without_prometheus_client_is_w004(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with override_settings(IDEMPOTENCY={"PROMETHEUS_METRICS": True}):
+        assert check_lifecycle_settings() == []
+        monkeypatch.setattr(metrics, "prometheus_available", lambda: False)
+        assert ids(check_lifecycle_settings()) == ["idempotency.W004"]
+
+
+@pytest.mark.django_db
+def test_the_unique_constraint_is_there() -> None:
+    assert check_unique_constraint(databases=["default"]) == []
+    assert check_unique_constraint() == []  # a database check: not run without --database
+
+
+@pytest.mark.django_db
+def test_a_table_without_its_unique_constraint_is_e006(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = ProcessedEvent._meta.db_table
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:  # rolled back with the test's transaction
+            cursor.execute(
+                f'ALTER TABLE "{table}" DROP CONSTRAINT "idempotency_unique_consumer_event"'
+            )
+    else:  # SQLite cannot drop a table constraint in place: hide it from the introspection
+        introspection = connection.introspection
+        real = introspection.get_constraints
+
+        def without_unique(cursor: Any, name: str) -> dict[str, Any]:
+            found = real(cursor, name)
+            return {k: v for k, v in found.items() if not (v["unique"] and not v["primary_key"])}
+
+        monkeypatch.setattr(introspection, "get_constraints", without_unique)
+    (message,) = check_unique_constraint(databases=["default"])
+    assert isinstance(message, Error)
+    assert message.id == "idempotency.E006"
+    assert "no unique constraint on (event_id, consumer)" in message.msg
+    with pytest.raises(SystemCheckError, match=r"idempotency\.E006"):
+        call_command("check", "--database", "default", stdout=io.StringIO())
+    call_command("check", stdout=io.StringIO())  # without --database it does not run
+
+
+@pytest.mark.django_db
+def test_an_index_on_other_columns_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    introspection = connection.introspection
+
+    def other_columns(cursor: Any, name: str) -> dict[str, Any]:
+        return {"uniq": {"columns": ["event_id"], "unique": True, "primary_key": False}}
+
+    monkeypatch.setattr(introspection, "get_constraints", other_columns)
+    assert ids(check_unique_constraint(databases=["default"])) == ["idempotency.E006"]

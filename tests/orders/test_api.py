@@ -6,11 +6,11 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from celery.contrib.django.task import DjangoTask
 from django.contrib.auth.models import Permission
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from idempotency.models import OutboxMessage
 from orders.models import Order
 from tests.factories import (
     LedgerEntryFactory,
@@ -30,11 +30,12 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def published() -> Any:
-    with mock.patch("orders.tasks.place_order.apply_async") as apply_async:
-        yield apply_async
+    """What reaches the broker: the outbox relay's ``send_task`` calls."""
+    with mock.patch("idempotency.outbox.current_app") as app:
+        yield app.send_task
 
 
-def test_a_valid_event_is_accepted_and_published_after_commit(
+def test_a_valid_event_is_stored_then_published_after_commit(
     api_client: APIClient, published: mock.Mock, django_capture_on_commit_callbacks: Any
 ) -> None:
     event = place_order_event()
@@ -42,12 +43,17 @@ def test_a_valid_event_is_accepted_and_published_after_commit(
         response = api_client.post("/api/events/", event, format="json")
     assert response.status_code == 202
     assert response.json() == {"eventId": event["eventId"], "status": "accepted"}
+    stored = OutboxMessage.objects.get()
+    assert (stored.task_name, stored.event_id) == ("orders.tasks.place_order", event["eventId"])
     assert not published.called  # nothing leaves before the commit
     for callback in callbacks:
         callback()
-    (sent,) = published.call_args.args[0]
+    assert published.call_args.args == ("orders.tasks.place_order",)
+    (sent,) = published.call_args.kwargs["args"]
     assert sent["eventId"] == event["eventId"]
     assert sent["items"] == event["items"]
+    stored.refresh_from_db()
+    assert stored.published_at is not None
 
 
 def test_posting_twice_is_accepted_twice(api_client: APIClient, published: mock.Mock) -> None:
@@ -145,9 +151,9 @@ def producer_client(db: Any) -> APIClient:
 
 @pytest.fixture
 def published_all() -> Any:
-    """Every event handed to a task for publication after the commit (checked above)."""
-    with mock.patch.object(DjangoTask, "delay_on_commit", autospec=True) as delay_on_commit:
-        yield delay_on_commit
+    """Every event put in the outbox for publication after the commit (checked above)."""
+    with mock.patch("idempotency.outbox.enqueue") as enqueue:
+        yield enqueue
 
 
 ROUTES = {
@@ -170,7 +176,7 @@ def test_every_event_type_is_accepted_and_routed(
 ) -> None:
     response = producer_client.post("/api/events/", event, format="json")
     assert response.status_code == 202, response.json()
-    task, sent = published_all.call_args.args
+    task, (sent,) = published_all.call_args.args
     assert sent == event
     assert task.name == f"orders.tasks.{ROUTES[event['eventType']]}"
 

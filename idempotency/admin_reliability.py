@@ -1,0 +1,89 @@
+"""Admin of the dead letters and the outbox: read-only, with explicit, logged actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from . import deadletters
+from .models import DeadLetter, OutboxMessage
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdmin):
+    list_display = (
+        "pk",
+        "created_at",
+        "reason",
+        "task_name",
+        "event_id",
+        "attempts",
+        "redriven_at",
+    )
+    list_filter = ("reason", "task_name", ("redriven_at", admin.EmptyFieldListFilter), "created_at")
+    search_fields = ("=event_id", "=task_id", "task_name")
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in DeadLetter._meta.fields]
+    actions = ["redrive"]
+
+    @admin.action(
+        description=_("Re-drive selected dead letters (publish them again)"),
+        permissions=["change_state"],
+    )
+    def redrive(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
+        done, skipped = deadletters.redrive(queryset)
+        for letter in done:
+            self.log_change(request, letter, "Re-driven through the outbox.")
+        if done:
+            self.message_user(
+                request,
+                ngettext("Re-drove %d dead letter.", "Re-drove %d dead letters.", len(done))
+                % len(done),
+                messages.SUCCESS,
+            )
+        if skipped:
+            self.message_user(
+                request,
+                _("%(n)d could not be re-driven: they name no task or carry no arguments.")
+                % {"n": len(skipped)},
+                messages.WARNING,
+            )
+
+    def has_change_state_permission(self, request: HttpRequest) -> bool:
+        # Re-driving publishes messages: as strong as deleting the record of a failure.
+        return self.has_delete_permission(request)
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(ReadOnlyAdmin):
+    list_display = ("pk", "created_at", "task_name", "event_id", "published_at", "attempts")
+    list_filter = (("published_at", admin.EmptyFieldListFilter), "task_name")
+    search_fields = ("=event_id", "=task_id")
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in OutboxMessage._meta.fields]
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        pending = OutboxMessage.objects.pending()
+        oldest = pending.order_by("pk").values_list("created_at", flat=True).first()
+        extra_context = {
+            **(extra_context or {}),
+            "title": _("Outbox: %(n)d pending%(since)s")
+            % {
+                "n": pending.count(),
+                "since": f" (oldest {oldest:%Y-%m-%d %H:%M:%S})" if oldest else "",
+            },
+        }
+        return super().changelist_view(request, extra_context)

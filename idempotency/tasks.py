@@ -1,0 +1,42 @@
+"""Celery tasks of the app. ``@shared_task``: they bind to whichever Celery app the project runs.
+
+Schedule the purge with Celery beat, e.g. daily::
+
+    CELERY_BEAT_SCHEDULE = {
+        "idempotency-purge": {
+            "task": "idempotency.tasks.purge_processed_events",
+            "schedule": crontab(hour=3, minute=17),
+        },
+    }
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import shared_task
+
+from .models import ProcessedEvent
+
+logger = logging.getLogger("idempotency")
+
+
+@shared_task(name="idempotency.tasks.purge_processed_events", ignore_result=True)
+def purge_processed_events(batch_size: int | None = None, consumer: str | None = None) -> int:
+    """Delete the records past their consumer's retention; the number deleted.
+
+    The same batched purge as ``manage.py purge_processed_events``. Running two at once is
+    harmless (they wait on each other's rows for a batch at most), and so is a lost run: the
+    next one deletes what this one left.
+    """
+    started = time.monotonic()
+    deleted = ProcessedEvent.objects.purge(batch_size=batch_size, consumer=consumer)
+    seconds = time.monotonic() - started
+    logger.info(
+        "purged %d processed-event records in %.2f s",
+        deleted,
+        seconds,
+        extra={"deleted": deleted, "seconds": seconds},
+    )
+    return deleted
