@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint clean
+# The fault-injection suite runs on PostgreSQL (a database of its own), RabbitMQ and Redis.
+FAULTS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/idempotency_faults
+
+.PHONY: run test lint clean faults soak
 
 $(STAMP): requirements/base.txt requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +23,13 @@ run: $(STAMP)  ## the API, the admin and a Celery worker on $(HOST):$(PORT)
 test: $(STAMP) lint  ## linters, then every test (service tests need DATABASE_URL=postgres://...)
 	$(BIN)/pytest
 
+faults: $(STAMP)  ## real workers killed, raced and cut off on RabbitMQ and Redis; writes docs/reliability.md
+	DATABASE_URL=$(FAULTS_DATABASE_URL) REQUIRE_SERVICES=1 FAULTS_REPORT=docs/reliability.md \
+	  FAULTS_COMMAND="make faults" $(BIN)/pytest -m faults tests/faults
+
+soak: $(STAMP)  ## 10,000 events under random kills and a broker restart, on both brokers (minutes)
+	DATABASE_URL=$(FAULTS_DATABASE_URL) REQUIRE_SERVICES=1 $(BIN)/pytest -m soak tests/faults
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -27,3 +37,14 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+# The purge benchmark needs PostgreSQL; it fills and empties the inbox of the database it is given.
+BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/idempotency_bench
+
+.PHONY: bench
+bench: $(STAMP)  ## every benchmark (under 10 minutes): docs/benchmarks.md and .png; ARGS=--quick for a smoke run
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(BIN)/python -m bench $(ARGS)
+
+.PHONY: bench-purge
+bench-purge: $(STAMP)  ## purge rate, claim latency during a purge, bytes per record (minutes)
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(BIN)/python -m bench.purge

@@ -35,12 +35,12 @@ from django.db import (  # noqa: E402
     reset_queries,
     transaction,
 )
-from django.db.models import F  # noqa: E402
 from django.test.utils import CaptureQueriesContext  # noqa: E402
 
+from bench.workload import place  # noqa: E402
 from idempotency.inbox import idempotent  # noqa: E402
 from idempotency.models import ProcessedEvent  # noqa: E402
-from orders.models import Customer, Order, OrderItem, Product  # noqa: E402
+from orders.models import Customer, Product  # noqa: E402
 
 CONSUMER = "bench.place_order"
 
@@ -54,19 +54,7 @@ class Worker:
 
 
 def business(worker: Worker, event_id: str) -> None:
-    order = Order.objects.create(
-        original_event_id=event_id,
-        order_id=event_id,
-        customer=worker.customer,
-        requested_customer_id=worker.customer.customer_id,
-        status=Order.Status.ACCEPTED,
-        total=Decimal("30.00"),
-    )
-    OrderItem.objects.bulk_create(
-        OrderItem(order=order, product=p, quantity=1, unit_price=p.price) for p in worker.products
-    )
-    for product in worker.products:
-        Product.objects.filter(pk=product.pk).update(stock=F("stock") - 1)
+    place([p.pk for p in worker.products], worker.customer.pk, event_id)
 
 
 def bare(worker: Worker, event_id: str) -> None:
@@ -161,7 +149,8 @@ def child(name: str, worker: Worker, ids: list[str], barrier, results) -> None: 
 def reset() -> None:
     with connection.cursor() as cursor:
         cursor.execute(
-            "TRUNCATE orders_orderitem, orders_order, idempotency_processedevent RESTART IDENTITY"
+            "TRUNCATE orders_orderitem, orders_order, idempotency_processedevent "
+            "RESTART IDENTITY CASCADE"
         )
     if _redis is not None:
         _redis.flushdb()
@@ -202,6 +191,13 @@ def duplicate_path_queries() -> list[str]:
     return [q["sql"] for q in ctx.captured_queries]
 
 
+def write_json(path: str, data: object) -> None:
+    import json
+
+    with open(path, "w") as out:
+        json.dump(data, out, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -209,6 +205,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few events, one run")
     parser.add_argument("--events", type=int, help="events per process (default 2000; quick 200)")
     parser.add_argument("--runs", type=int, help="runs per cell (default 3; quick 1)")
+    parser.add_argument("--json", help="also write the measurements to this file")
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
@@ -249,6 +246,17 @@ def main() -> None:
             f"{min(rates):,.0f}-{max(rates):,.0f} | {r:.2f}x |"
         )
     queries = duplicate_path_queries()
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "events_per_process": per_process,
+                "runs": runs,
+                "rates": [[name, p, rates] for (name, p), rates in table.items()],
+                "ratios": [[name, p, r] for (name, p), r in ratios.items()],
+                "duplicate_path_sql": queries,
+            },
+        )
     print()
     print(f"Duplicate path: {len(queries)} SQL statements:")
     for sql in queries:

@@ -10,7 +10,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.contrib.admin.models import DELETION, LogEntry
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import transaction
+from django.db import DEFAULT_DB_ALIAS, router, transaction
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.http import HttpRequest, HttpResponse
@@ -110,7 +110,7 @@ class ProcessedEventAdmin(admin.ModelAdmin):
             return "-"
         if obj.payload is None or obj.mismatch_payload is None:
             return gettext(
-                "The payloads are not stored (IDEMPOTENCY['STORE_PAYLOADS'] is off when they "
+                "The payloads are not stored (IDEMPOTENCY['STORE_PAYLOADS'] was off when they "
                 "arrived): compare the two fingerprints."
             )
         return payload_diff_html(obj.payload, obj.mismatch_payload)
@@ -180,7 +180,8 @@ class ProcessedEventAdmin(admin.ModelAdmin):
                 messages.WARNING,
             )
         if drivable:
-            self._redrive(request, queryset.db, drivable)
+            using = router.db_for_write(ProcessedEvent) or DEFAULT_DB_ALIAS
+            self._redrive(request, using, drivable)
 
     def _redrive(
         self, request: HttpRequest, using: str, drivable: list[tuple[ProcessedEvent, Any]]

@@ -237,7 +237,11 @@ def retry_horizon(app: Any, task: Any) -> Horizon:
         if backoff > total:
             total = backoff
             source = f"{max_retries} retries backing off up to retry_backoff_max={_human(cap)}"
-    return Horizon(timedelta(seconds=total), f"task {task.name!r}: {source}", task.name)
+    try:
+        spread = timedelta(seconds=total)
+    except OverflowError:
+        spread = UNBOUNDED
+    return Horizon(spread, f"task {task.name!r}: {source}", task.name)
 
 
 def redelivery_horizons(app: Any) -> list[Horizon]:

@@ -79,7 +79,7 @@ class ProcessedEventQuerySet(models.QuerySet["ProcessedEvent"]):
         caller's, the batches are savepoints and nothing commits before the caller does.
         """
         size = app_settings.PURGE_BATCH_SIZE if batch_size is None else batch_size
-        if not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {size!r}")
         cutoffs = retention_cutoffs(before, consumer=consumer, now=now)
         condition = _retention_condition(cutoffs)

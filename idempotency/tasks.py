@@ -40,3 +40,15 @@ def purge_processed_events(batch_size: int | None = None, consumer: str | None =
         extra={"deleted": deleted, "seconds": seconds},
     )
     return deleted
+
+
+@shared_task(name="idempotency.tasks.relay_outbox", ignore_result=True)
+def relay_outbox(batch_size: int = 100) -> int:
+    """Publish what the outbox holds; the number published.
+
+    A backstop for ``manage.py relay_outbox --forever``: beat publishes this task through the
+    broker, so it runs only once the broker is back, which is when it is needed.
+    """
+    from . import outbox
+
+    return outbox.relay(batch_size=batch_size, quiet=True)

@@ -307,3 +307,13 @@ def test_an_index_on_other_columns_does_not_count(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(introspection, "get_constraints", other_columns)
     assert ids(check_unique_constraint(databases=["default"])) == ["idempotency.E006"]
+
+
+def test_an_absurd_retry_count_is_unbounded(celery_app: Celery) -> None:
+    @celery_app.task(shared=False, name="checks.absurd", idempotent=True, max_retries=10**12)
+    def absurd(event: Any) -> None:
+        pass
+
+    assert checks.retry_horizon(celery_app, celery_app.tasks["checks.absurd"]).delay == (
+        checks.UNBOUNDED
+    )

@@ -95,3 +95,14 @@ def test_the_relay_command(broker: mock.Mock, capsys: pytest.CaptureFixture[str]
         call_command("relay_outbox", stdout=StringIO())
     with pytest.raises(CommandError, match="batch-size"):
         call_command("relay_outbox", "--batch-size", "0", stdout=StringIO())
+
+
+def test_the_beat_task_relays(broker: mock.Mock) -> None:
+    from idempotency.tasks import relay_outbox
+
+    outbox.enqueue("t.name", [1], publish_on_commit=False)
+    assert relay_outbox.apply().get() == 1
+    broker.side_effect = BrokerDown("down")
+    outbox.enqueue("t.name", [2], publish_on_commit=False)
+    assert relay_outbox.apply().get() == 0  # quiet: the next run retries
+    assert OutboxMessage.objects.pending().count() == 1

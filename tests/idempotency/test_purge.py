@@ -173,7 +173,7 @@ def test_nothing_to_purge() -> None:
     assert list(ProcessedEvent.objects.purge_batches(now=NOW)) == []
 
 
-@pytest.mark.parametrize("size", [0, -1, 2.5])
+@pytest.mark.parametrize("size", [0, -1, 2.5, True])
 def test_a_batch_size_must_be_a_positive_integer(size: Any) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         list(ProcessedEvent.objects.purge_batches(batch_size=size))

@@ -1,0 +1,164 @@
+"""Tasks per second through a real ``celery worker``, guarded by the inbox or not, per broker.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/idempotency_bench python -m bench.celery_e2e
+
+The queue is filled first, then a worker with P pool processes drains it; the rate is taken from
+the orders' own timestamps (first to last), so worker start-up does not count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+os.environ.setdefault("IDEMPOTENCY_LOG_LEVEL", "WARNING")
+
+import django
+
+django.setup()
+
+from django.db import connection  # noqa: E402
+from django.db.models import Max, Min  # noqa: E402
+from kombu import Connection  # noqa: E402
+
+from bench.claim import write_json  # noqa: E402
+from bench.tasks import guarded, unguarded  # noqa: E402
+from orders.models import Customer, Order, Product  # noqa: E402
+from project.queues import dead_letter_queue, work_queue  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKERS = {
+    "rabbitmq": os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+    "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+}
+TASKS = {"unguarded": unguarded, "guarded": guarded}
+PAIRS = 8  # product pairs the events spread over, so pool processes rarely share a row lock
+
+
+def reset() -> tuple[list[list[int]], int]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "TRUNCATE orders_orderitem, orders_order, idempotency_processedevent "
+            "RESTART IDENTITY CASCADE"
+        )
+    stamp = uuid.uuid4().hex[:6]
+    pairs = [
+        [
+            Product.objects.create(
+                product_id=f"E2E-{stamp}-{n}-{k}", name="bench", price=15, stock=10**9
+            ).pk
+            for k in range(2)
+        ]
+        for n in range(PAIRS)
+    ]
+    customer = Customer.objects.create(customer_id=f"E2E-{stamp}").pk
+    return pairs, customer
+
+
+def database_url() -> str:
+    s = connection.settings_dict
+    auth = f"{s['USER']}@" if s.get("USER") else ""
+    return f"postgres://{auth}{s.get('HOST') or '127.0.0.1'}:{s.get('PORT') or 5432}/{s['NAME']}"
+
+
+def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
+    pairs, customer = reset()
+    queue_name = f"bench-{uuid.uuid4().hex[:10]}"
+    queue = work_queue(queue_name)
+    url = BROKERS[broker]
+    task = TASKS[kind]
+    with Connection(url) as conn:
+        producer_queue = queue.bind(conn.default_channel)
+        producer_queue.declare()
+        for n in range(tasks):
+            event = {
+                "eventId": str(uuid.uuid4()),
+                "products": pairs[n % PAIRS],
+                "customer": customer,
+            }
+            task.apply_async(args=[event], queue=queue, connection=conn)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "CELERY_BROKER_URL": url,
+        "CELERY_QUEUE": queue_name,
+        "CELERY_SKIP_CHECKS": "1",
+        "IDEMPOTENCY_LOG_LEVEL": "WARNING",
+    }
+    command = [
+        sys.executable, "-m", "celery", "-A", "project", "worker", "--loglevel=WARNING",
+        f"--concurrency={processes}", "--pool=prefork", "--include=bench.tasks",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        f"--hostname=bench-{queue_name}@%h",
+    ]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while Order.objects.count() < tasks:
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    sys.exit(f"the worker stopped or stalled:\n{log.read().decode()[-3000:]}")
+                time.sleep(0.2)
+        finally:
+            worker.terminate()
+            worker.wait(60)
+    with Connection(url) as conn:
+        for q in (queue, dead_letter_queue(queue_name)):
+            q.bind(conn.default_channel).delete()
+    span = Order.objects.aggregate(first=Min("created_at"), last=Max("created_at"))
+    return (tasks - 1) / (span["last"] - span["first"]).total_seconds()
+
+
+def measure(
+    runs: int, tasks: int, processes: tuple[int, ...]
+) -> dict[tuple[str, str, int], list[float]]:
+    results: dict[tuple[str, str, int], list[float]] = {}
+    for run in range(runs):
+        for broker in BROKERS:
+            for p in processes:
+                for kind in TASKS if run % 2 == 0 else reversed(TASKS):
+                    rate = run_once(broker, kind, p, tasks)
+                    results.setdefault((broker, kind, p), []).append(rate)
+                    print(
+                        f"run {run + 1}/{runs}  {broker:<8} {p} proc  {kind:<9} "
+                        f"{rate:7.0f} tasks/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--tasks", type=int, help="tasks per run (default 1000; quick 100)")
+    parser.add_argument("--runs", type=int, help="runs per cell (default 3; quick 1)")
+    parser.add_argument("--json", help="also write the measurements to this file")
+    args = parser.parse_args()
+    if connection.vendor != "postgresql":
+        sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
+    results = measure(
+        args.runs or (1 if args.quick else 3), args.tasks or (100 if args.quick else 1000), (1, 2)
+    )
+    if args.json:
+        write_json(args.json, [[b, k, p, rates] for (b, k, p), rates in results.items()])
+    print("| broker | processes | task | tasks/s median | min-max |")
+    print("|---|---:|---|---:|---:|")
+    for (broker, kind, p), rates in results.items():
+        median, low, high = statistics.median(rates), min(rates), max(rates)
+        print(f"| {broker} | {p} | {kind} | {median:,.0f} | {low:,.0f}-{high:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
