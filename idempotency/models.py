@@ -426,6 +426,16 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def pending(self) -> OutboxMessageQuerySet:
         return self.filter(published_at__isnull=True)
 
+    def purge_published(self, *, before: datetime, batch_size: int = 1000) -> int:
+        """Delete the messages published before *before*, a batch per transaction."""
+        using = getattr(self, "_db", None) or router.db_for_write(self.model) or DEFAULT_DB_ALIAS
+        published = self.using(using).filter(published_at__lt=before).order_by("pk")
+        deleted = 0
+        while pks := list(published.values_list("pk", flat=True)[:batch_size]):
+            with transaction.atomic(using=using):
+                deleted += published.filter(pk__gte=pks[0], pk__lte=pks[-1]).delete()[0]
+        return deleted
+
 
 class OutboxMessage(models.Model):
     """A task message stored in the producer's transaction, published by the relay afterwards.

@@ -16,8 +16,11 @@ import logging
 import time
 
 from celery import shared_task
+from django.utils import timezone
 
+from .conf import app_settings
 from .models import ProcessedEvent
+from .purging import purge_other_records
 
 logger = logging.getLogger("idempotency")
 
@@ -32,6 +35,14 @@ def purge_processed_events(batch_size: int | None = None, consumer: str | None =
     """
     started = time.monotonic()
     deleted = ProcessedEvent.objects.purge(batch_size=batch_size, consumer=consumer)
+    if consumer is None:
+        # The HTTP keys and the sent outbox messages share the inbox's retention.
+        purge_other_records(
+            before=None,
+            now=timezone.now(),
+            batch_size=batch_size or app_settings.PURGE_BATCH_SIZE,
+            using=ProcessedEvent.objects.db,
+        )
     seconds = time.monotonic() - started
     logger.info(
         "purged %d processed-event records in %.2f s",

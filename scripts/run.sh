@@ -10,7 +10,8 @@ PORT=${PORT:-8000}
 $BIN/python manage.py migrate --noinput
 $BIN/python manage.py seed_demo
 
-worker_args=(--loglevel=INFO --concurrency="${WORKER_CONCURRENCY:-2}")
+# -B: the worker also runs Celery beat (the daily purge, from the admin's periodic tasks).
+worker_args=(--loglevel=INFO --concurrency="${WORKER_CONCURRENCY:-2}" -B)
 if [[ "${CELERY_BROKER_URL:-filesystem://}" == filesystem://* ]]; then
   # The embedded broker has no broadcast peers to synchronise with.
   worker_args+=(--without-gossip --without-mingle)

@@ -413,3 +413,28 @@ def test_the_purge_is_scheduled_in_the_admins_periodic_tasks() -> None:
     assert task.enabled
     assert task.crontab is not None
     assert (task.crontab.hour, task.crontab.minute) == ("3", "17")
+
+
+def test_the_purge_also_expires_http_keys_and_sent_outbox_messages() -> None:
+    from datetime import timedelta
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from idempotency.models import IdempotencyKey, OutboxMessage
+
+    old = timezone.now() - timedelta(days=31)
+    key = {"owner": "user:1", "endpoint": "POST x", "locked_until": old}
+    IdempotencyKey.objects.create(**key, key="k-old", created_at=old)
+    IdempotencyKey.objects.create(**key, key="k-new")
+    OutboxMessage.objects.create(task_name="t", published_at=old, created_at=old)
+    OutboxMessage.objects.create(task_name="t", published_at=timezone.now())
+    owed = OutboxMessage.objects.create(task_name="t", created_at=old)  # never published
+    out = StringIO()
+    call_command("purge_processed_events", stdout=out)
+    assert "Deleted 1 HTTP idempotency keys." in out.getvalue()
+    assert "Deleted 1 published outbox messages." in out.getvalue()
+    assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["k-new"]
+    assert OutboxMessage.objects.count() == 2
+    assert OutboxMessage.objects.filter(pk=owed.pk).exists()

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from idempotency.conf import app_settings
 from idempotency.models import ProcessedEvent, RetentionCutoffs, retention_cutoffs
+from idempotency.purging import purge_other_records
 
 UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 AGE = re.compile(r"^\s*(\d+)\s*([dhms])\s*$")
@@ -128,6 +129,10 @@ class Command(BaseCommand):
             self._dry_run(records.purgeable(before, consumer=consumer, now=now))
             return
         self._purge(records, before, batch_size=batch_size, consumer=consumer, now=now)
+        if consumer is None:
+            others = purge_other_records(before=before, now=now, batch_size=batch_size, using=using)
+            for kind, count in others.items():
+                self.stdout.write(f"Deleted {count:,} {kind}.")
 
     def _database(self, alias: str | None) -> str:
         using = alias or router.db_for_write(ProcessedEvent) or DEFAULT_DB_ALIAS
