@@ -137,6 +137,9 @@ def payment_received(event: dict[str, Any]) -> dict[str, Any]:
             "original_event_id": event["eventId"],
         },
     )
+    if not created and str(payment.original_event_id) == str(event["eventId"]):
+        # This very event, redelivered after its inbox record was purged: already applied.
+        return {**ids, "status": order.status, "paidAmount": str(order.paid_amount)}
     if not created:
         # The business key caught what the inbox could not: the same payment under a new id.
         return _rejected(
@@ -156,6 +159,14 @@ def debit_account(event: dict[str, Any]) -> dict[str, Any]:
     """Deduct from a customer's balance once, never below zero, and write it in the ledger."""
     amount = Decimal(event["amount"])
     customer_id = event["customerId"]
+    applied = LedgerEntry.objects.filter(original_event_id=event["eventId"]).first()
+    if applied is not None:
+        # Redelivered after its inbox record was purged: the ledger entry remembers it.
+        return {
+            "customerId": customer_id,
+            "status": "debited",
+            "balance": str(applied.balance_after),
+        }
     debited = Customer.objects.filter(customer_id=customer_id, balance__gte=amount).update(
         balance=F("balance") - amount
     )

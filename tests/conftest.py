@@ -38,6 +38,12 @@ def pytest_runtest_makereport(item: pytest.Item, call):  # type: ignore[no-untyp
     """With REQUIRE_SERVICES=1 a skipped service test is a failure, whatever skipped it."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and required() and item.get_closest_marker("services"):
+    expected_failure = hasattr(report, "wasxfail")  # an xfail is reported as a skip
+    if (
+        report.skipped
+        and not expected_failure
+        and required()
+        and item.get_closest_marker("services")
+    ):
         report.outcome = "failed"
         report.longrepr = f"REQUIRE_SERVICES=1 but the service test was skipped: {report.longrepr}"

@@ -106,6 +106,8 @@ def test_an_idempotent_task_without_acks_late_is_w003() -> None:
 @pytest.fixture
 def celery_app(monkeypatch: pytest.MonkeyPatch) -> Celery:
     """A Celery app of the test's own, seen by the checks instead of the project's."""
+    # Celery lets this variable override conf.broker_url; CI sets it for the project.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     app = Celery("checks", set_as_current=False)
     app.conf.broker_url = "memory://"
     monkeypatch.setattr(checks, "_celery_app", lambda: app)

@@ -64,3 +64,14 @@ def test_the_whole_balance_can_be_debited(customer: Customer) -> None:
 def test_an_unknown_customer_is_rejected() -> None:
     result = deliver(debit_account, debit_account_event(customerId="CUST-404"))
     assert result["reason"] == "unknown customer CUST-404"
+
+
+def test_the_ledger_entry_guards_when_the_inbox_forgot(customer: Customer) -> None:
+    event = debit_account_event(amount="10.00")
+    first = deliver(debit_account, event)
+    ProcessedEvent.objects.all().delete()  # as a purge would
+    assert deliver(debit_account, event) == first
+    customer.refresh_from_db()
+    assert customer.balance == Decimal("90.00")
+    assert LedgerEntry.objects.count() == 1
+    assert ProcessedEvent.objects.get().outcome == Outcome.PROCESSED

@@ -89,3 +89,13 @@ def test_a_payment_before_its_order_is_retried_not_lost() -> None:
     OrderFactory(order_id="ORD-LATE", total=Decimal("20.00"))
     assert deliver(payment_received, event)["status"] == "paid"
     assert payment_received.max_retries == 10
+
+
+def test_the_payment_row_guards_when_the_inbox_forgot(order: Order) -> None:
+    event = payment_received_event()
+    first = deliver(payment_received, event)
+    ProcessedEvent.objects.all().delete()  # as a purge would
+    assert deliver(payment_received, event) == first
+    order.refresh_from_db()
+    assert order.paid_amount == Decimal("20.00")
+    assert ProcessedEvent.objects.get().outcome == Outcome.PROCESSED

@@ -1,0 +1,400 @@
+"""A scenario of the fault-injection suite: its queue, its workers, its faults and its ledger.
+
+A scenario publishes through :meth:`Scenario.send` (which keeps the ledger), arms faults with
+:meth:`Scenario.arm`, observes them through the hooks' files and ``pg_stat_activity``, and ends
+with :meth:`Scenario.verify`: the workers stop, the broker must hold nothing for the queue, and
+the database must show exactly one effect per event. Every wait is bounded and fails with what
+it was waiting for, the broker's counts, the journal and the workers' logs.
+
+Adding a scenario that publishes another way (an outbox relay, an HTTP endpoint) only needs
+another ``send``: the ledger and the checks stay the same. A scenario that expects a dead
+letter declares it with ``scenario.ledger.expect_dead_letter(consumer, event_id)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from idempotency.models import ProcessedEvent
+from orders import tasks as order_tasks
+from project.queues import work_queue
+from tests.faults import consumers
+from tests.faults.brokers import Broker, RabbitMQ
+from tests.faults.ledger import Inspection, Ledger, inspect
+from tests.faults.report import Report, Row
+from tests.services import celery_worker
+
+#: Modules the suite's workers import on top of the project's tasks.
+INCLUDE = ("tests.faults.hooks", "tests.faults.consumers")
+
+TASKS: dict[str, Any] = {
+    task.name: task
+    for task in (
+        order_tasks.place_order,
+        order_tasks.payment_received,
+        order_tasks.debit_account,
+        order_tasks.ship_order,
+        consumers.audit_event,
+    )
+}
+
+
+# --- Processes -------------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of *pid*, read from every thread's ``children`` file."""
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for tid in threads:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        found.extend(int(p) for p in text.split())
+    return sorted(set(found))
+
+
+def gone(pid: int) -> bool:
+    """True once *pid* has exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen[bytes]
+    log: Path
+    name: str
+    #: Set when the test killed or stopped it: its exit is expected.
+    ended: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def children(self) -> list[int]:
+        return children_of(self.pid)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> list[int]:
+        """SIGKILL the main process; return the pool processes it had, once they are gone.
+
+        Celery's pool processes ask the kernel for SIGKILL when their parent dies; one that
+        outlives it all the same is killed here, so nothing of this worker survives.
+        """
+        children = self.children()
+        self.ended = True
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not all(gone(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in children:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        return children
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def backend(pid: int) -> dict[str, Any] | None:
+    """The ``pg_stat_activity`` row of backend *pid*, or None once it has gone."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT state, wait_event_type, wait_event, datname FROM pg_stat_activity "
+            "WHERE pid = %s",
+            [pid],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    return dict(zip(("state", "wait_event_type", "wait_event", "datname"), row, strict=True))
+
+
+def lock_waiters() -> list[int]:
+    """Backends of the test database waiting for a lock (a claim blocked by another's)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+            "AND pid <> pg_backend_pid()"
+        )
+        return [int(row[0]) for row in cursor.fetchall()]
+
+
+def idle_backends() -> list[int]:
+    """Backends of the test database, other than the test's own, idle between transactions."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND state = 'idle' AND pid <> pg_backend_pid()"
+        )
+        return [int(row[0]) for row in cursor.fetchall()]
+
+
+def terminate_backend(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
+def postgres_version() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        row = cursor.fetchone()
+    return str(row[0]).split()[0] if row else "?"
+
+
+# --- The scenario ----------------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    number: str
+    title: str
+    broker: Broker
+    directory: Path
+    report: Report
+    nodeid: str
+    ledger: Ledger = field(default_factory=Ledger)
+    workers: list[Worker] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.queue = f"faults-{self.number}-{uuid.uuid4().hex[:12]}"
+        self.faults = self.directory / "faults"
+        for sub in ("plan", "release", "paused", "fired"):
+            (self.faults / sub).mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        self._stack = ExitStack()
+        self._count = 0
+
+    # Workers
+
+    def worker(
+        self,
+        *,
+        concurrency: int = 2,
+        visibility_timeout: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Worker:
+        """Start a real worker on the scenario's queue, with the fault hooks loaded."""
+        self._count += 1
+        name = f"w{self._count}"
+        extra_env = {"FAULTS_DIR": str(self.faults), **(env or {})}
+        if visibility_timeout is not None:
+            extra_env["CELERY_VISIBILITY_TIMEOUT"] = str(visibility_timeout)
+        log = self.directory / f"worker-{name}.log"
+        process = self._stack.enter_context(
+            celery_worker(
+                self.broker.url,
+                concurrency=concurrency,
+                queues=self.queue,
+                log=log,
+                extra_env=extra_env,
+                include=INCLUDE,
+                hostname=f"{self.queue}-{name}",
+            )
+        )
+        worker = Worker(process, log, name)
+        self.workers.append(worker)
+        return worker
+
+    def stop_workers(self) -> None:
+        """Stop every worker (a warm shutdown: running tasks finish) and reap it."""
+        for worker in self.workers:
+            worker.ended = True
+        self._stack.close()
+        self._stack = ExitStack()
+
+    def check_workers(self) -> None:
+        for worker in self.workers:
+            if not worker.ended and not worker.alive():
+                pytest.fail(
+                    f"worker {worker.name} exited on its own ({worker.process.returncode}):\n"
+                    f"{worker.tail()}",
+                    pytrace=False,
+                )
+
+    def pool_processes(self) -> list[int]:
+        return [pid for w in self.workers if not w.ended for pid in w.children()]
+
+    # Publishing
+
+    def send(self, task: str, event: dict[str, Any], *, task_id: str | None = None) -> str:
+        return self.send_all([(task, event, task_id)])[0]
+
+    def send_all(self, messages: Iterable[tuple[str, dict[str, Any], str | None]]) -> list[str]:
+        """Publish each (task name, event, task id or None), recording it in the ledger."""
+        ids = []
+        queue = work_queue(self.queue)
+        with self.broker.connection() as conn:
+            for task, event, task_id in messages:
+                task_id = task_id or str(uuid.uuid4())
+                TASKS[task].apply_async(args=[event], queue=queue, connection=conn, task_id=task_id)
+                self.ledger.record(task, event, task_id)
+                ids.append(task_id)
+        return ids
+
+    # Faults
+
+    def _fault(self, sub: str, event_id: str, point: str) -> Path:
+        return self.faults / sub / f"{event_id}@{point}"
+
+    def arm(self, event_id: str, point: str, action: str = "pause") -> None:
+        """Arm a fault for the first delivery of *event_id* to reach *point*."""
+        assert point in ("handler", "before-commit", "after-commit"), point
+        assert action in ("pause", "kill"), action
+        self._fault("plan", event_id, point).write_text(action)
+
+    def paused(self, event_id: str, point: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait until a delivery of *event_id* is paused at *point*; what it wrote."""
+        path = self._fault("paused", event_id, point)
+        self.wait(path.exists, timeout, f"a delivery of {event_id} to pause at {point}")
+        state: dict[str, Any] = json.loads(path.read_text())
+        return state
+
+    def release(self, event_id: str, point: str) -> None:
+        self._fault("release", event_id, point).write_text("go")
+
+    # Observation
+
+    def journal(self) -> list[tuple[str, str, str, int, str]]:
+        """``(kind, consumer or task, event id, pid, detail)`` per line the hooks wrote."""
+        path = self.faults / "journal.log"
+        if not path.exists():
+            return []
+        entries = []
+        for line in path.read_text().splitlines():
+            parts = line.split(" ", 4)
+            if len(parts) >= 4:
+                detail = parts[4] if len(parts) == 5 else ""
+                entries.append((parts[0], parts[1], parts[2], int(parts[3]), detail))
+        return entries
+
+    def count(self, kind: str, event_id: str | None = None) -> int:
+        return sum(1 for k, _, e, _, _ in self.journal() if k == kind and event_id in (None, e))
+
+    def diagnostics(self) -> str:
+        try:
+            state: Any = self.broker.queue_state(self.queue)
+        except Exception as exc:
+            state = f"unavailable ({exc})"
+        kinds = Counter(k for k, *_ in self.journal())
+        logs = "\n".join(f"--- worker {w.name} ---\n{w.tail()}" for w in self.workers[-4:])
+        return (
+            f"\nqueue {self.queue}: {state}\ninbox records: {ProcessedEvent.objects.count()} "
+            f"of {len(self.ledger.expected_effects())} expected\njournal: {dict(kinds)}\n{logs}"
+        )
+
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll *predicate*; fail with *what* and the diagnostics after *timeout* seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_workers()
+            if predicate():
+                return
+            time.sleep(0.1)
+        pytest.fail(
+            f"timed out after {timeout:.0f}s waiting for {what}{self.diagnostics()}",
+            pytrace=False,
+        )
+
+    def wait_applied(self, count: int | None = None, timeout: float = 120) -> None:
+        """Wait until *count* inbox records (all the ledger expects, by default) exist."""
+        want = len(self.ledger.expected_effects()) if count is None else count
+        self.wait(lambda: ProcessedEvent.objects.count() >= want, timeout, f"{want} inbox records")
+
+    def drain(self, timeout: float = 120, until: Callable[[], bool] | None = None) -> None:
+        """Wait until every expected effect exists and the broker holds nothing for the queue.
+
+        Both must hold twice in a row, so a message between a reject and its redelivery, or
+        between a retry's publish and its original's ack, is not mistaken for the end. *until*
+        replaces the first condition for a scenario whose end is not one inbox record per event.
+        """
+        want = len(self.ledger.expected_effects())
+        streak = [0]
+
+        def settled() -> bool:
+            done = (ProcessedEvent.objects.count() >= want) if until is None else until()
+            done = done and self.broker.queue_state(self.queue).empty
+            streak[0] = streak[0] + 1 if done else 0
+            return streak[0] >= 2
+
+        self.wait(settled, timeout, "every effect, and an empty queue")
+
+    # The end
+
+    def verify(self) -> Inspection:
+        """Stop the workers, then check the broker and every invariant; publish the numbers."""
+        self.stop_workers()
+        problems = []
+        state = self.broker.queue_state(self.queue)
+        if not state.empty or state.consumers:
+            problems.append(f"the broker still holds for {self.queue}: {state}")
+        if isinstance(self.broker, RabbitMQ):
+            messages, consumers_left = self.broker.declared_counts(self.queue)
+            if messages or consumers_left:
+                problems.append(
+                    f"queue.declare(passive): {messages} messages, {consumers_left} consumers"
+                )
+        result = inspect(
+            self.ledger, broker_dead=state.dead if isinstance(self.broker, RabbitMQ) else None
+        )
+        problems.extend(result.problems)
+        journal = self.journal()
+        self.report.rows.append(
+            Row(
+                number=self.number,
+                title=self.title,
+                broker=self.broker.kind,
+                nodeid=self.nodeid,
+                sent=len(self.ledger.sent),
+                deliveries=sum(1 for k, *_ in journal if k == "received"),
+                discarded=sum(1 for k, *_ in journal if k in ("discarded", "kept")),
+                effects=result.effects,
+                dead_letters=result.dead_letters,
+                lost=result.lost,
+                doubled=result.doubled,
+                seconds=time.monotonic() - self.started,
+            )
+        )
+        assert not problems, "\n".join(problems) + self.diagnostics()
+        return result
+
+    def close(self) -> None:
+        """Stop what is still running, make sure the broker is up, delete the scenario's queues."""
+        self.stop_workers()
+        self.broker.ensure_running()
+        self.broker.delete_queues(self.queue)

@@ -1,0 +1,218 @@
+"""Fault hooks, loaded into a real worker with ``celery worker --include tests.faults.hooks``.
+
+They do nothing unless the worker's environment names a directory in ``FAULTS_DIR``, which the
+test and the worker's processes share:
+
+``plan/<event id>@<point>``
+    A fault the test armed; the file holds its action, ``pause`` or ``kill``.
+``fired/<event id>@<point>``
+    Created exclusively when the fault fires, so it fires once across every process: the
+    redelivery that follows goes through.
+``paused/<event id>@<point>``
+    Written by a paused delivery: its pid, its worker's pid and its PostgreSQL backend pid.
+``release/<event id>@<point>``
+    Written by the test to let the paused delivery go on.
+``journal.log``
+    One line per observation, appended by every process: ``received``, ``finished``,
+    ``applied``, ``discarded`` (by the inbox), ``kept`` (by the entity key after an inbox
+    record was purged), ``killed``, ``paused``.
+
+The points, in the order a first delivery reaches them:
+
+``handler``
+    The event is claimed, its transaction open, the business logic not yet run.
+``before-commit``
+    The business logic ran; the claim and its writes are about to commit
+    (:data:`idempotency.signals.event_processed`).
+``after-commit``
+    The transaction committed; the message is not acknowledged yet (``on_commit``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery import signals as celery_signals
+from django.db import connections, transaction
+from django.dispatch import receiver
+
+from idempotency import signals
+from orders import services
+from tests.faults import consumers
+
+POINTS = ("handler", "before-commit", "after-commit")
+ACTIONS = ("pause", "kill")
+
+#: The longest a paused delivery waits for its release before it fails (and the test with it).
+PAUSE_LIMIT = float(os.environ.get("FAULTS_PAUSE_LIMIT", "180"))
+
+
+class FaultPauseExpired(RuntimeError):
+    """A paused delivery was never released: the test that paused it has gone wrong."""
+
+
+def faults_dir() -> Path | None:
+    value = os.environ.get("FAULTS_DIR")
+    return Path(value) if value else None
+
+
+def fault_name(event_id: str, point: str) -> str:
+    return f"{event_id}@{point}"
+
+
+def journal(kind: str, consumer: str, event_id: str, detail: str = "") -> None:
+    """Append one line; a single small ``O_APPEND`` write is atomic across processes."""
+    base = faults_dir()
+    if base is None:
+        return
+    line = f"{kind} {consumer} {event_id} {os.getpid()} {detail}".rstrip() + "\n"
+    fd = os.open(base / "journal.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def _claim_fired(base: Path, name: str) -> bool:
+    """True for the one process that fires this fault."""
+    (base / "fired").mkdir(exist_ok=True)
+    try:
+        fd = os.open(base / "fired" / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _backend_pid(using: str) -> int | None:
+    connection = connections[using]
+    if connection.vendor != "postgresql" or connection.connection is None:
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        row = cursor.fetchone()
+    return int(row[0]) if row else None
+
+
+def fire(event_id: str, point: str, consumer: str = "", using: str = "default") -> None:
+    """Carry out the fault armed for *event_id* at *point*, once."""
+    base = faults_dir()
+    if base is None:
+        return
+    name = fault_name(event_id, point)
+    plan = base / "plan" / name
+    if not plan.exists() or not _claim_fired(base, name):
+        return
+    action = plan.read_text().strip()
+    if action == "kill":
+        journal("killed", consumer, event_id, point)
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "pause":
+        _pause(base, name, event_id, point, consumer, using)
+    else:
+        raise ValueError(f"unknown fault action {action!r} in {plan}")
+
+
+def _pause(base: Path, name: str, event_id: str, point: str, consumer: str, using: str) -> None:
+    state = {
+        "pid": os.getpid(),
+        "worker_pid": os.getppid(),
+        "backend_pid": _backend_pid(using),
+        "consumer": consumer,
+        "point": point,
+    }
+    (base / "paused").mkdir(exist_ok=True)
+    tmp = base / "paused" / f".{name}.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.rename(base / "paused" / name)  # atomic: the test never reads half a file
+    journal("paused", consumer, event_id, point)
+    release = base / "release" / name
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while not release.exists():
+        if time.monotonic() > deadline:
+            raise FaultPauseExpired(f"{name} was not released within {PAUSE_LIMIT:.0f}s")
+        time.sleep(0.02)
+
+
+def _event_id_of(args: Any) -> str:
+    if args and isinstance(args[0], dict):
+        return str(args[0].get("eventId", ""))
+    return ""
+
+
+# --- Observations ----------------------------------------------------------------------------
+
+
+@celery_signals.task_prerun.connect(weak=False)
+def _received(sender: Any = None, task_id: str = "", args: Any = None, **kwargs: Any) -> None:
+    journal("received", getattr(sender, "name", "?"), _event_id_of(args), task_id)
+
+
+@celery_signals.task_postrun.connect(weak=False)
+def _finished(sender: Any = None, args: Any = None, state: str = "", **kwargs: Any) -> None:
+    journal("finished", getattr(sender, "name", "?"), _event_id_of(args), state or "")
+
+
+@receiver(signals.event_processed, weak=False)
+def _processed(consumer: str, event_id: str, record: Any, **kwargs: Any) -> None:
+    using = record._state.db or "default"
+    fire(event_id, "before-commit", consumer, using)
+    outcome = str(record.outcome)
+
+    def committed() -> None:
+        # Journal first: a kill armed at after-commit must not hide the effect it follows.
+        journal("applied", consumer, event_id, outcome)
+        fire(event_id, "after-commit", consumer, using)
+
+    transaction.on_commit(committed, using=using)
+
+
+@receiver(signals.duplicate_discarded, weak=False)
+def _discarded(consumer: str, event_id: str, record: Any, **kwargs: Any) -> None:
+    using = record._state.db or "default"
+    transaction.on_commit(lambda: journal("discarded", consumer, event_id), using=using)
+
+
+# --- Patches of the example's business logic -------------------------------------------------
+
+
+def _at_handler(consumer: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def wrapper(event: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        fire(str(event.get("eventId", "")), "handler", consumer)
+        return function(event, *args, **kwargs)
+
+    return wrapper
+
+
+def _observed_create_once(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def wrapper(model: Any, original_event_id: Any, *args: Any, **kwargs: Any) -> Any:
+        row, created = function(model, original_event_id, *args, **kwargs)
+        if not created:
+            label = model._meta.label
+            transaction.on_commit(lambda: journal("kept", label, str(original_event_id)))
+        return row, created
+
+    return wrapper
+
+
+def install() -> None:
+    """Patch the business logic once per process (the pool's children inherit it)."""
+    if getattr(services, "_fault_hooks_installed", False):
+        return
+    for name in ("place_order", "payment_received", "debit_account", "ship_order"):
+        setattr(services, name, _at_handler(f"orders.tasks.{name}", getattr(services, name)))
+    services.create_once = _observed_create_once(services.create_once)  # type: ignore[assignment]
+    consumers.record_audit = _at_handler(consumers.CONSUMER, consumers.record_audit)  # type: ignore[assignment]
+    services._fault_hooks_installed = True  # type: ignore[attr-defined]
+
+
+install()

@@ -1,0 +1,127 @@
+"""The suite's checker catches what it must: a doubled or missing effect, an orphan row.
+
+These run with the rest of the suite (SQLite is enough): the events are applied in-process,
+then the database is damaged the way a broken consumer would damage it.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.apps import apps
+from django.db.models import F
+
+from idempotency.models import ProcessedEvent
+from orders.models import Customer, LedgerEntry, Order, Product
+from tests.faults import consumers
+from tests.faults.harness import TASKS
+from tests.faults.ledger import DEBIT, PAY, PLACE, SHIP, Events, Ledger, inspect, seed_catalogue
+
+Applied = tuple[Ledger, dict[str, Any], dict[str, Any]]
+
+
+@pytest.fixture
+def applied(db: None) -> Applied:
+    """One event of each type (and the audit consumer's), each applied once."""
+    seed_catalogue()
+    events = Events(seed=99)
+    order, debit = events.place(), events.debit()
+    ledger = Ledger()
+    for task, event in [
+        (PLACE, order),
+        (DEBIT, debit),
+        (PAY, events.pay(order)),
+        (SHIP, events.ship(order)),
+        (consumers.TASK_NAME, order),
+    ]:
+        TASKS[task].apply(args=[event])
+        ledger.record(task, event, f"task-{len(ledger.sent)}")
+        # A duplicate changes nothing, and the ledger counts each event once.
+        TASKS[task].apply(args=[event])
+        ledger.record(task, event, f"task-{len(ledger.sent)}")
+    return ledger, order, debit
+
+
+def test_each_effect_once_passes(applied: Applied) -> None:
+    ledger, _, _ = applied
+    result = inspect(ledger)
+    assert result.problems == []
+    assert (result.effects, result.lost, result.doubled) == (5, 0, 0)
+
+
+def test_stock_taken_twice_is_doubled(applied: Applied) -> None:
+    ledger, order, _ = applied
+    item = order["items"][0]
+    Product.objects.filter(product_id=item["productId"]).update(stock=F("stock") - item["quantity"])
+    result = inspect(ledger)
+    assert result.doubled == 1
+    assert any("applied too often" in p for p in result.problems)
+
+
+def test_debited_twice_is_doubled(applied: Applied) -> None:
+    ledger, _, debit = applied
+    Customer.objects.filter(customer_id=debit["customerId"]).update(
+        balance=F("balance") - Decimal(debit["amount"])
+    )
+    assert inspect(ledger).doubled == 1
+
+
+def test_audit_credited_twice_is_doubled(applied: Applied) -> None:
+    ledger, _, _ = applied
+    Customer.objects.filter(customer_id=consumers.CUSTOMER_ID).update(
+        balance=F("balance") + consumers.CREDIT
+    )
+    assert inspect(ledger).doubled == 1
+
+
+def test_an_event_never_applied_is_lost(applied: Applied) -> None:
+    ledger, _, _ = applied
+    ledger.record(DEBIT, Events(seed=100).debit(), "never-delivered")
+    result = inspect(ledger)
+    assert result.lost >= 1
+    assert any("no inbox record" in p for p in result.problems)
+
+
+def test_business_row_without_inbox_record(applied: Applied) -> None:
+    ledger, _, debit = applied
+    ProcessedEvent.objects.filter(event_id=debit["eventId"]).delete()
+    result = inspect(ledger)
+    assert any("has no inbox record" in p for p in result.problems)
+    assert (result.lost, result.doubled) == (0, 0), "the effect itself is there, once"
+
+
+def test_inbox_record_without_business_row(applied: Applied) -> None:
+    ledger, _, debit = applied
+    LedgerEntry.objects.filter(original_event_id=debit["eventId"]).delete()
+    result = inspect(ledger)
+    assert any("has no business row" in p for p in result.problems)
+    assert result.lost >= 1
+
+
+def test_wrong_order_status(applied: Applied) -> None:
+    ledger, order, _ = applied
+    Order.objects.filter(order_id=order["orderId"]).update(status=Order.Status.PAID)
+    assert any("expected shipped" in p for p in inspect(ledger).problems)
+
+
+def test_dead_letters_must_be_expected(applied: Applied) -> None:
+    ledger, _, debit = applied
+    assert any("dead-letter queue" in p for p in inspect(ledger, broker_dead=1).problems)
+    ledger.expect_dead_letter(DEBIT, debit["eventId"])
+    assert any("dead letters stored" in p for p in inspect(ledger).problems)
+
+
+def test_stored_dead_letter_is_reported(applied: Applied) -> None:
+    try:
+        model = apps.get_model("idempotency", "DeadLetter")
+    except LookupError:
+        pytest.skip("the app stores no dead letters")
+    ledger, _, debit = applied
+    model.objects.create(reason="failed", task_name=DEBIT, event_id=debit["eventId"])
+    result = inspect(ledger)
+    assert result.dead_letters == 1
+    assert any("dead letters stored" in p for p in result.problems)
+    ledger.expect_dead_letter(DEBIT, debit["eventId"])
+    assert not any("dead letters" in p for p in inspect(ledger).problems)
