@@ -70,6 +70,14 @@ class Broker(ABC):
         """Stop the broker and start it again; return once it accepts connections."""
 
     @abstractmethod
+    def stop(self) -> None:
+        """Stop the broker (its data kept); return once it refuses clients."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start the stopped broker; return once it accepts connections."""
+
+    @abstractmethod
     def version(self) -> str: ...
 
     @abstractmethod
@@ -126,6 +134,27 @@ class RabbitMQ(Broker):
     def ensure_running(self) -> None:
         if run(["rabbitmq-diagnostics", "-q", "check_port_connectivity"], 60).returncode != 0:
             run(["rabbitmqctl", "start_app"], timeout=180)
+
+    def stop(self) -> None:
+        stopped = run(["rabbitmqctl", "stop_app"], timeout=120)
+        if stopped.returncode != 0:
+            self.start()
+            raise RuntimeError(f"rabbitmqctl stop_app failed: {stopped.stderr.strip()}")
+        if not poll(lambda: not reachable(self.url), 30, interval=0.2):
+            self.start()
+            pytest.fail("RabbitMQ still accepts connections after stop_app")
+
+    def start(self) -> None:
+        started = run(["rabbitmqctl", "start_app"], timeout=180)
+        if started.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl start_app failed: {started.stderr.strip()}")
+        if not poll(
+            lambda: run(["rabbitmq-diagnostics", "-q", "check_port_connectivity"], 60).returncode
+            == 0,
+            120,
+            interval=0.5,
+        ):
+            pytest.fail("RabbitMQ did not accept connections within 120s of start_app")
 
     def restart(self) -> None:
         stopped = run(["rabbitmqctl", "stop_app"], timeout=120)

@@ -17,11 +17,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,14 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from idempotency.models import ProcessedEvent
+from idempotency.models import OutboxMessage, ProcessedEvent
 from orders import tasks as order_tasks
 from project.queues import work_queue
 from tests.faults import consumers
 from tests.faults.brokers import Broker, RabbitMQ
 from tests.faults.ledger import Inspection, Ledger, inspect
 from tests.faults.report import Report, Row
-from tests.services import celery_worker
+from tests.services import ROOT, celery_worker, database_url
 
 #: Modules the suite's workers import on top of the project's tasks.
 INCLUDE = ("tests.faults.hooks", "tests.faults.consumers")
@@ -177,6 +178,41 @@ def postgres_version() -> str:
     return str(row[0]).split()[0] if row else "?"
 
 
+# --- The test process as a producer ---------------------------------------------------------
+
+
+@contextmanager
+def producing_to(url: str, connect_timeout: float = 1) -> Iterator[None]:
+    """Point the test process's Celery app at the broker *url* while the block runs.
+
+    The outbox publishes with the process's own Celery app after each commit; it read its
+    broker from the settings at import. Only the connection changes: a publish made in the block
+    is addressed as the settings say, so this serves to watch a publish fail with that broker
+    down, not to deliver to a scenario's queue (``Scenario.manage`` does that).
+    """
+    from celery import current_app
+
+    def reset() -> None:
+        if current_app._pool is not None:
+            current_app._pool.force_close_all()
+            current_app._pool = None
+        current_app.amqp._producer_pool = None
+
+    keys = ("broker_write_url", "broker_transport_options", "broker_connection_timeout")
+    saved = {key: current_app.conf.get(key) for key in keys}
+    reset()
+    current_app.conf.update(
+        broker_write_url=url,
+        broker_transport_options={},
+        broker_connection_timeout=connect_timeout,
+    )
+    try:
+        yield
+    finally:
+        reset()
+        current_app.conf.update(saved)
+
+
 # --- The scenario ----------------------------------------------------------------------------
 
 
@@ -267,6 +303,65 @@ class Scenario:
                 ids.append(task_id)
         return ids
 
+    def send_raw(self, body: bytes, headers: dict[str, Any], content_type: str) -> None:
+        """Publish a message as it is, bypassing Celery's serialiser (a poison message).
+
+        Not recorded in the ledger: it carries no event the ledger could expect.
+        """
+        queue = work_queue(self.queue)
+        with self.broker.connection() as conn:
+            conn.Producer().publish(
+                body,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                headers=headers,
+                content_type=content_type,
+                content_encoding="utf-8",
+                delivery_mode=2,
+            )
+
+    def send_http(self, client: Any, bodies: Iterable[Any]) -> list[str]:
+        """POST each body (an event, or a list of them) to ``/api/events/`` through *client*.
+
+        Every POST must be accepted (202). The ledger records each message the view stored in
+        the outbox, with the task id it will be published under.
+        """
+        ids = []
+        for body in bodies:
+            last = OutboxMessage.objects.order_by("-pk").values_list("pk", flat=True).first()
+            response = client.post("/api/events/", body, format="json")
+            assert response.status_code == 202, (response.status_code, response.content)
+            ids.extend(self.record_outbox(after=last or 0))
+        return ids
+
+    def record_outbox(self, *, after: int) -> list[str]:
+        """Record in the ledger the outbox messages stored after primary key *after*."""
+        ids = []
+        for message in OutboxMessage.objects.filter(pk__gt=after).order_by("pk"):
+            self.ledger.record(message.task_name, message.args[0], str(message.task_id))
+            ids.append(str(message.task_id))
+        return ids
+
+    def manage(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run ``manage.py`` with the scenario's database, broker and queue, as an operator."""
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "CELERY_BROKER_URL": self.broker.url,
+            "CELERY_QUEUE": self.queue,
+            "CELERY_SKIP_CHECKS": "1",
+        }
+        return subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
     # Faults
 
     def _fault(self, sub: str, event_id: str, point: str) -> Path:
@@ -287,6 +382,14 @@ class Scenario:
 
     def release(self, event_id: str, point: str) -> None:
         self._fault("release", event_id, point).write_text("go")
+
+    def fail(self, event_id: str) -> None:
+        """Make every delivery of *event_id* fail in its handler, until :meth:`fix`."""
+        (self.faults / "fail").mkdir(exist_ok=True)
+        (self.faults / "fail" / event_id).write_text("fail")
+
+    def fix(self, event_id: str) -> None:
+        (self.faults / "fail" / event_id).unlink()
 
     # Observation
 

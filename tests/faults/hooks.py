@@ -12,10 +12,14 @@ test and the worker's processes share:
     Written by a paused delivery: its pid, its worker's pid and its PostgreSQL backend pid.
 ``release/<event id>@<point>``
     Written by the test to let the paused delivery go on.
+``fail/<event id>``
+    While it exists, the handler raises :class:`InjectedFailure` for that event on every
+    delivery: an error ``idempotent_task`` does not retry, so the task fails for good and becomes
+    a dead letter. Deleting the file is the "fix" before a re-drive.
 ``journal.log``
     One line per observation, appended by every process: ``received``, ``finished``,
     ``applied``, ``discarded`` (by the inbox), ``kept`` (by the entity key after an inbox
-    record was purged), ``killed``, ``paused``.
+    record was purged), ``killed``, ``paused``, ``failed`` (an injected failure).
 
 The points, in the order a first delivery reaches them:
 
@@ -56,6 +60,10 @@ PAUSE_LIMIT = float(os.environ.get("FAULTS_PAUSE_LIMIT", "180"))
 
 class FaultPauseExpired(RuntimeError):
     """A paused delivery was never released: the test that paused it has gone wrong."""
+
+
+class InjectedFailure(RuntimeError):
+    """A handler failing for an event the test marked with ``fail/<event id>`` (a poison)."""
 
 
 def faults_dir() -> Path | None:
@@ -183,10 +191,21 @@ def _discarded(consumer: str, event_id: str, record: Any, **kwargs: Any) -> None
 # --- Patches of the example's business logic -------------------------------------------------
 
 
+def fail_if_marked(event_id: str, consumer: str) -> None:
+    """Raise :class:`InjectedFailure` while ``fail/<event id>`` exists."""
+    base = faults_dir()
+    if base is None or not event_id or not (base / "fail" / event_id).exists():
+        return
+    journal("failed", consumer, event_id)
+    raise InjectedFailure(f"injected failure of {consumer} for event {event_id}")
+
+
 def _at_handler(consumer: str, function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)
     def wrapper(event: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        fire(str(event.get("eventId", "")), "handler", consumer)
+        event_id = str(event.get("eventId", ""))
+        fire(event_id, "handler", consumer)
+        fail_if_marked(event_id, consumer)
         return function(event, *args, **kwargs)
 
     return wrapper

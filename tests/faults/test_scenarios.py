@@ -1,4 +1,4 @@
-"""Scenarios 1-12 of the fault-injection suite, each on RabbitMQ and on Redis.
+"""Scenarios 1-13 of the fault-injection suite, each on RabbitMQ and on Redis.
 
 Each starts real ``celery worker`` processes on the PostgreSQL test database and a queue of its
 own, injects its fault through ``tests/faults/hooks.py`` or from outside (SIGKILL, a broker
@@ -11,22 +11,29 @@ from __future__ import annotations
 import os
 import random
 import signal
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
 
-from idempotency.models import ProcessedEvent
+from idempotency.models import DeadLetter, OutboxMessage, ProcessedEvent
+from tests.factories import UserFactory
 from tests.faults import consumers
-from tests.faults.brokers import Broker, PrivateRedis
+from tests.faults.brokers import Broker, PrivateRedis, RabbitMQ
 from tests.faults.harness import (
     Scenario,
     backend,
     gone,
     idle_backends,
     lock_waiters,
+    producing_to,
     terminate_backend,
 )
-from tests.faults.ledger import DEBIT, PAY, PLACE, SHIP, Events
+from tests.faults.ledger import DEBIT, PAY, PLACE, SHIP, Events, inspect
 
 pytestmark = [pytest.mark.faults, pytest.mark.services]
 
@@ -334,6 +341,111 @@ def test_published_twice_under_two_task_ids(scenario: NewScenario) -> None:
         assert s.count("discarded", event["eventId"]) == 1, (task, event)
 
 
+def _protocol2_headers(task: str, task_id: str) -> dict[str, Any]:
+    """The headers of a Celery protocol-2 task message, as a worker expects them."""
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": "faults",
+    }
+
+
+def test_poison_messages_dead_lettered_then_redriven(scenario: NewScenario, broker: Broker) -> None:
+    """10. Poison messages become dead letters without holding up the events behind them; after
+    a fix, a re-drive applies the failed events once.
+
+    Three kinds: a body that is not JSON (the worker's consumer cannot decode it), a PlaceOrder
+    without ``eventId`` (no idempotency key), and handlers that fail for two events (an error
+    ``idempotent_task`` does not retry). Good events go before, between and after them.
+    """
+    s = scenario("10", "poison messages dead-lettered, then re-driven after a fix")
+    events = Events(seed=10)
+    s.worker(concurrency=2)
+
+    def good(n: int) -> list[tuple[str, dict[str, Any], str | None]]:
+        return [(PLACE, events.place(), None) for _ in range(n)] + [
+            (DEBIT, events.debit(), None) for _ in range(n)
+        ]
+
+    keyless = events.place()
+    del keyless["eventId"]
+    failing = [(PLACE, events.place()), (DEBIT, events.debit())]
+    for _, event in failing:
+        s.fail(event["eventId"])
+    s.send_all(good(3))
+    s.send_raw(b'{"not json', _protocol2_headers(PLACE, str(uuid.uuid4())), "application/json")
+    s.send_all([*good(3), (PLACE, keyless, None), *good(3)])
+    s.send_all([(task, event, None) for task, event in failing])
+    s.send_all(good(3))
+    s.ledger.expect_dead_letter("", "")  # the undecodable message names no task
+    s.ledger.expect_dead_letter(PLACE, "")
+    for task, event in failing:
+        s.ledger.expect_dead_letter(task, event["eventId"])
+    # RabbitMQ dead-letters what is rejected; the undecodable message is acknowledged instead.
+    s.ledger.broker_dead = 3
+
+    dead = len(s.ledger.expected_dead)
+    want = len(s.ledger.expected_effects())
+    s.drain(
+        until=lambda: (
+            ProcessedEvent.objects.count() >= want
+            and DeadLetter.objects.count() >= dead
+            and s.count("finished") >= len(s.ledger.sent)
+        )
+    )
+    reasons = sorted(DeadLetter.objects.values_list("reason", flat=True))
+    assert reasons == ["failed", "failed", "invalid_key", "undecodable"], reasons
+    for task, event in failing:
+        letter = DeadLetter.objects.get(event_id=event["eventId"])
+        assert (letter.task_name, letter.attempts) == (task, 1), "final at once, no retry"
+        assert s.count("received", event["eventId"]) == 1
+        assert s.count("failed", event["eventId"]) == 1
+    broker_dead = s.broker.queue_state(s.queue).dead if isinstance(broker, RabbitMQ) else None
+    before = inspect(s.ledger, broker_dead=broker_dead)
+    assert not before.problems, "\n".join(before.problems) + s.diagnostics()
+
+    # The fix, then the re-drive, as an operator would run it.
+    for _, event in failing:
+        s.fix(event["eventId"])
+    last = OutboxMessage.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+    result = s.manage("dead_letters", "redrive", "--all")
+    assert result.returncode == 0, result.stderr
+    # The failed ones and the keyless one (it names a task and carries its arguments).
+    assert "re-drove 3 dead letter(s)" in result.stdout, result.stdout
+    undecodable = DeadLetter.objects.get(reason="undecodable")
+    assert f"dead letter {undecodable.pk} cannot be re-driven" in result.stderr, result.stderr
+    assert len(s.record_outbox(after=last)) == 3
+    for task, event in failing:
+        s.ledger.expect_effect(task, event["eventId"])
+    # The keyless event fails again the same way: a new dead letter, and on RabbitMQ a fourth
+    # message in the dead-letter queue (the re-driven ones stay there).
+    s.ledger.broker_dead = 4
+    s.drain(
+        until=lambda: (
+            ProcessedEvent.objects.count() >= len(s.ledger.expected_effects())
+            and DeadLetter.objects.count() >= dead + 1
+            and s.count("finished") >= len(s.ledger.sent)
+        )
+    )
+    s.verify()
+    assert not OutboxMessage.objects.pending().exists()
+    for _, event in failing:
+        assert s.count("received", event["eventId"]) == 2
+        assert s.count("applied", event["eventId"]) == 1
+    assert DeadLetter.objects.get(pk=undecodable.pk).redriven_at is None
+    assert DeadLetter.objects.pending().filter(reason="invalid_key").count() == 1
+
+
 def test_inbox_purged_then_redelivered(scenario: NewScenario) -> None:
     """11. The inbox records deleted, the events delivered again: the order's own key
     (``Order.original_event_id``) still prevents a second order."""
@@ -392,3 +504,41 @@ def test_two_consumers_of_the_same_event(scenario: NewScenario) -> None:
         assert sorted(inbox.values_list("consumer", flat=True)) == sorted(
             [PLACE, consumers.CONSUMER]
         )
+
+
+def _producer_client() -> APIClient:
+    producer = UserFactory(username="faults-producer")
+    producer.user_permissions.add(Permission.objects.get(codename="submit_event"))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=producer).key}")
+    return client
+
+
+def test_broker_stopped_while_events_are_posted(scenario: NewScenario, broker: Broker) -> None:
+    """13. Events posted over HTTP while the broker is stopped: every POST is accepted, the
+    outbox keeps the messages, and the relay publishes them once the broker is back."""
+    s = scenario("13", "the broker stopped while events are posted over HTTP (the outbox)")
+    events = Events(seed=13)
+    s.worker(concurrency=2)
+    client = _producer_client()
+    orders = [events.place() for _ in range(4)]
+    debits = [events.debit() for _ in range(4)]
+    broker.stop()
+    with producing_to(broker.url):
+        # Single events, a batch, and one event posted twice (a client's retry).
+        s.send_http(client, [*orders, debits, orders[0]])
+    pending = OutboxMessage.objects.pending()
+    assert pending.count() == len(s.ledger.sent) == 9
+    assert not pending.filter(attempts=0).exists(), "each immediate publish was tried, and failed"
+    assert not ProcessedEvent.objects.exists()
+    broker.start()
+    result = s.manage("relay_outbox")
+    assert result.returncode == 0, result.stderr
+    assert "published 9 message(s)" in result.stdout, result.stdout
+    s.drain(timeout=180)
+    assert not OutboxMessage.objects.pending().exists()
+    s.verify()
+    for event in [*orders, *debits]:
+        assert s.count("applied", event["eventId"]) == 1
+    assert s.count("received", orders[0]["eventId"]) == 2
+    assert s.count("discarded", orders[0]["eventId"]) == 1
