@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import connection, connections
 
 from idempotency import inbox, statements
 from idempotency.inbox import idempotent
 from idempotency.models import ProcessedEvent
-from tests.services import require_postgres, wait_for
+from tests.services import in_thread, lock_waiters, require_postgres, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -34,29 +33,6 @@ def statement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     chosen = statements.STATEMENTS[request.param]
     monkeypatch.setattr(inbox, "claim_statement", lambda using: chosen)
     return str(request.param)
-
-
-def lock_waiters() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        return int(cursor.fetchone()[0])
-
-
-def in_thread(target: Callable[[], None], errors: list[BaseException]) -> threading.Thread:
-    def run() -> None:
-        try:
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from django.contrib.admin.models import DELETION, LogEntry
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import OperationalError, connection, connections
+from django.db import OperationalError, connection
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -26,7 +26,7 @@ from idempotency.models import IdempotencyKey, KeyState
 from orders.models import Customer
 from tests.factories import UserFactory
 from tests.idempotency import http_urls
-from tests.services import require_postgres, wait_for
+from tests.services import in_thread, require_postgres, wait_for
 
 pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.idempotency.http_urls")]
 
@@ -481,20 +481,6 @@ def token_client(user: Any) -> APIClient:
     token, _ = Token.objects.get_or_create(user=user)
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     return client
-
-
-def in_thread(target: Callable[[], None], errors: list[BaseException]) -> threading.Thread:
-    def run() -> None:
-        try:
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def backend_exists(pid: int) -> bool:

@@ -11,7 +11,6 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from django.db import connections
 from django.urls import resolve
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -24,7 +23,7 @@ from orders import client_api
 from orders.models import Order, Product
 from orders.tasks import place_order
 from tests.factories import UserFactory
-from tests.services import require_postgres
+from tests.services import in_thread, require_postgres
 
 pytestmark = pytest.mark.django_db
 
@@ -302,20 +301,6 @@ def test_the_schema_documents_the_header_and_every_status(api_client: APIClient)
 
 
 # --- Concurrency on PostgreSQL ---------------------------------------------------------------
-
-
-def in_thread(target: Callable[[], None], errors: list[BaseException]) -> threading.Thread:
-    def run() -> None:
-        try:
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.mark.services

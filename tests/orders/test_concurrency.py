@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from django.db import connection, connections
+from django.db import connections
 
 from orders import services
 from orders.models import Order, Product
 from orders.tasks import place_order
 from tests.factories import CustomerFactory, ProductFactory, place_order_event
-from tests.services import require_postgres, wait_for
+from tests.services import lock_waiters, require_postgres, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -32,15 +32,6 @@ def deliver_in_thread(event: dict[str, Any]) -> Any:
         return place_order.apply(args=[event], throw=True).get()
     finally:
         connections.close_all()
-
-
-def row_lock_waiters() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        return int(cursor.fetchone()[0])
 
 
 def test_the_second_order_waits_for_the_first_and_finds_the_stock_gone(
@@ -63,7 +54,7 @@ def test_the_second_order_waits_for_the_first_and_finds_the_stock_gone(
         first_result = pool.submit(deliver_in_thread, first)
         assert took_stock.wait(TIMEOUT)
         second_result = pool.submit(deliver_in_thread, second)
-        wait_for(lambda: row_lock_waiters() >= 1, TIMEOUT, "the second order to wait")
+        wait_for(lambda: lock_waiters() >= 1, TIMEOUT, "the second order to wait")
         release.set()
         results = [first_result.result(TIMEOUT), second_result.result(TIMEOUT)]
     assert [r["status"] for r in results] == ["accepted", "rejected"]
