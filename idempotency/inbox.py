@@ -174,12 +174,13 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
             ProcessedEvent.objects.using(self.using).filter(pk=record.pk).update(
                 duplicate_count=F("duplicate_count") + 1, last_duplicate_at=record.last_duplicate_at
             )
-        logger.info(
-            "duplicate %s event %s discarded",
-            self.consumer,
-            self.event_id,
-            extra=self._log_extra(),
-        )
+        if logger.isEnabledFor(logging.INFO):  # the hot path: build no log record for nothing
+            logger.info(
+                "duplicate %s event %s discarded",
+                self.consumer,
+                self.event_id,
+                extra=self._log_extra(),
+            )
         signals.duplicate_discarded.send(
             sender=ProcessedEvent, consumer=self.consumer, event_id=self.event_id, record=record
         )
@@ -233,13 +234,14 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
             for name, value in changes.items():
                 setattr(record, name, value)
             record.save(using=self.using, update_fields=list(changes))
-        logger.info(
-            "%s event %s %s",
-            self.consumer,
-            self.event_id,
-            record.outcome,
-            extra={**self._log_extra(), "outcome": record.outcome},
-        )
+        if logger.isEnabledFor(logging.INFO):  # the hot path: build no log record for nothing
+            logger.info(
+                "%s event %s %s",
+                self.consumer,
+                self.event_id,
+                record.outcome,
+                extra={**self._log_extra(), "outcome": record.outcome},
+            )
         signals.event_processed.send(
             sender=ProcessedEvent, consumer=self.consumer, event_id=self.event_id, record=record
         )

@@ -55,8 +55,14 @@ def _quoted(name: str) -> str:
     return f'"{_field(name).column}"'
 
 
-def _fields() -> list[models.Field]:
-    return list(ProcessedEvent._meta.concrete_fields)
+@lru_cache(maxsize=1)
+def _fields() -> tuple[models.Field, ...]:
+    return tuple(ProcessedEvent._meta.concrete_fields)
+
+
+@lru_cache(maxsize=1)
+def _attnames() -> list[str]:
+    return [f.attname for f in _fields()]
 
 
 @lru_cache(maxsize=4)
@@ -74,7 +80,8 @@ def _sql(vendor: str) -> dict[str, str]:
         f"SELECT {every} FROM {table} "
         f"WHERE {_quoted('consumer')} = %s AND {_quoted('event_id')} = %s"
     )
-    return {"insert": f"{insert} RETURNING {_quoted('id')}", "select": select}
+    returning = f"{insert} RETURNING {_quoted('id')}"
+    return {"insert": returning, "select": select, "insert_select": f"{returning}; {select}"}
 
 
 @lru_cache(maxsize=8)
@@ -96,7 +103,7 @@ def _record(using: str, row: Sequence[Any]) -> ProcessedEvent:
         for converter in converters:
             value = converter(value, col, connection)
         values.append(value)
-    return ProcessedEvent.from_db(using, [f.attname for f in _fields()], values)
+    return ProcessedEvent.from_db(using, _attnames(), values)
 
 
 def _values(consumer: str, event_id: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,7 +142,7 @@ def insert_select(
     sql = _sql(connection.vendor)
     params = _params(using, _values(consumer, event_id, defaults))
     with connection.cursor() as cursor:
-        cursor.execute(f"{sql['insert']}; {sql['select']}", [*params, consumer, event_id])
+        cursor.execute(sql["insert_select"], [*params, consumer, event_id])
         created = cursor.fetchone() is not None
         cursor.nextset()
         row = cursor.fetchone()
