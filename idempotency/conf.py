@@ -49,6 +49,24 @@ DEFAULTS: dict[str, Any] = {
     "REDELIVERY_HORIZON": None,
     # Export the counters of idempotency.metrics to Prometheus (needs prometheus-client).
     "PROMETHEUS_METRICS": False,
+    # Deliveries of one message after which it is dead-lettered (reason "delivery_limit")
+    # instead of being run again: a message that kills its worker (a hard time limit, an
+    # out-of-memory kill) would otherwise be redelivered forever. None: no limit.
+    "DELIVERY_LIMIT": 10,
+    # How long a task waits out a transient database error (unreachable, serialization
+    # failure, connection reset) in-process, with capped backoff, before it gives its message
+    # back to the broker. Such an error never consumes the task's retries.
+    "TRANSIENT_RETRY_WINDOW": timedelta(seconds=30),
+    # The deepest nesting and the largest canonical JSON size of an event that is fingerprinted
+    # or stored; a larger event is refused with InvalidEvent (and dead-lettered by a task).
+    "MAX_EVENT_DEPTH": 64,
+    "MAX_EVENT_BYTES": 1024 * 1024,
+    # The immediate publish after an outbox commit: at most this long to connect and publish,
+    # once per request or transaction; the relay publishes whatever it misses.
+    "PUBLISH_TIMEOUT": timedelta(seconds=1),
+    # After a failed immediate publish, how long later commits skip it (a circuit breaker) and
+    # leave their messages to the relay.
+    "PUBLISH_BREAKER_COOLDOWN": timedelta(seconds=15),
 }
 
 MISMATCH_POLICIES = ("raise", "discard")

@@ -28,6 +28,35 @@ class MissingEventId(InvalidEventId):
     """The event carries no idempotency key at all (absent, ``None`` or empty)."""
 
 
+class InvalidEvent(IdempotencyError, ValueError):
+    """The event itself cannot be fingerprinted or stored: nested too deeply, too large, or
+    holding a value with no JSON form. Such a message can never succeed: it is dead-lettered.
+    """
+
+
+class ResultNotSerializable(IdempotencyError, TypeError):
+    """A handler's result (or a stored payload) has no JSON form under the result serializer."""
+
+
+class AfterCommitError(IdempotencyError):
+    """The claim's transaction committed, then an ``on_commit`` callback raised.
+
+    The event was applied and its inbox record is durable: the delivery is done, not failed.
+    The callback's exception is the ``__cause__``.
+    """
+
+    def __init__(self, consumer: str, event_id: str) -> None:
+        self.consumer = consumer
+        self.event_id = event_id
+        super().__init__(
+            f"event {event_id!r} for consumer {consumer!r} was applied and committed, "
+            "then an on_commit callback raised"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.consumer, self.event_id))
+
+
 class TransactionRequired(IdempotencyError, RuntimeError):
     """A claim was attempted outside ``transaction.atomic()``.
 

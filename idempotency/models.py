@@ -8,7 +8,9 @@ from datetime import datetime, timedelta
 from functools import reduce
 from typing import NamedTuple
 
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DEFAULT_DB_ALIAS, models, router, transaction
+from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -209,7 +211,9 @@ class ProcessedEvent(models.Model):
 
     consumer = models.CharField(_("consumer"), max_length=200)
     event_id = models.CharField(_("event id"), max_length=255)
-    processed_at = models.DateTimeField(_("processed at"), default=timezone.now)
+    # The database's clock, not the claiming process's: a purge compares it with the database's
+    # clock too, so a worker whose clock is behind cannot have a fresh record purged.
+    processed_at = models.DateTimeField(_("processed at"), db_default=Now())
     outcome = models.CharField(
         _("outcome"), max_length=16, choices=Outcome.choices, default=Outcome.PROCESSED
     )
@@ -221,7 +225,7 @@ class ProcessedEvent(models.Model):
         default="",
         help_text=_("SHA-256 of the canonical JSON payload of the first delivery."),
     )
-    result = models.JSONField(_("result"), null=True, blank=True)
+    result = models.JSONField(_("result"), null=True, blank=True, encoder=DjangoJSONEncoder)
     mismatch_fingerprint = models.CharField(
         _("mismatched fingerprint"),
         max_length=64,
@@ -234,12 +238,14 @@ class ProcessedEvent(models.Model):
         _("payload"),
         null=True,
         blank=True,
+        encoder=DjangoJSONEncoder,
         help_text=_("The first delivery's payload; kept only when STORE_PAYLOADS is on."),
     )
     mismatch_payload = models.JSONField(
         _("mismatched payload"),
         null=True,
         blank=True,
+        encoder=DjangoJSONEncoder,
         help_text=_(
             "The last mismatching delivery's payload; kept only when STORE_PAYLOADS is on."
         ),
@@ -337,7 +343,7 @@ class IdempotencyKey(models.Model):
     state = models.CharField(
         _("state"), max_length=16, choices=KeyState.choices, default=KeyState.IN_PROGRESS
     )
-    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+    created_at = models.DateTimeField(_("created at"), db_default=Now())
     locked_until = models.DateTimeField(
         _("lease ends"),
         help_text=_("Until then an unfinished request is assumed to be alive (HTTP_LEASE)."),
@@ -391,10 +397,13 @@ class DeadLetter(models.Model):
         FAILED = "failed", _("failed for good")
         UNDECODABLE = "undecodable", _("undecodable message")
         UNKNOWN_TASK = "unknown_task", _("unknown task")
+        INVALID_EVENT = "invalid_event", _("event too deep, too large or not JSON")
+        DELIVERY_LIMIT = "delivery_limit", _("delivered too many times")
+        BROKER = "broker", _("dead-lettered by the broker")
 
     reason = models.CharField(_("reason"), max_length=16, choices=Reason.choices)
     task_name = models.CharField(_("task"), max_length=200, blank=True)
-    task_id = models.CharField(_("task id"), max_length=255, blank=True)
+    task_id = models.CharField(_("task id"), max_length=255, blank=True, db_index=True)
     event_id = models.CharField(_("event id"), max_length=255, blank=True, db_index=True)
     args = models.JSONField(_("arguments"), null=True, blank=True)
     kwargs = models.JSONField(_("keyword arguments"), null=True, blank=True)
@@ -424,7 +433,12 @@ class DeadLetter(models.Model):
 
 class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def pending(self) -> OutboxMessageQuerySet:
-        return self.filter(published_at__isnull=True)
+        """Still to publish: neither published nor failed for good."""
+        return self.filter(published_at__isnull=True, failed_at__isnull=True)
+
+    def failed(self) -> OutboxMessageQuerySet:
+        """Refused for a reason that will not go away by itself (see ``last_error``)."""
+        return self.filter(published_at__isnull=True, failed_at__isnull=False)
 
     def purge_published(self, *, before: datetime, batch_size: int = 1000) -> int:
         """Delete the messages published before *before*, a batch per transaction."""
@@ -454,6 +468,12 @@ class OutboxMessage(models.Model):
     published_at = models.DateTimeField(_("published at"), null=True, blank=True)
     attempts = models.PositiveIntegerField(_("publish attempts"), default=0)
     last_error = models.TextField(_("last error"), blank=True)
+    failed_at = models.DateTimeField(
+        _("failed at"),
+        null=True,
+        blank=True,
+        help_text=_("Set when a publish failed for a reason retrying cannot fix; re-drive it."),
+    )
 
     objects = OutboxMessageQuerySet.as_manager()
 
@@ -471,3 +491,29 @@ class OutboxMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.event_id or self.task_id}"
+
+
+class DeliveryAttempt(models.Model):
+    """How many times a redelivered message has reached a worker, counted durably.
+
+    Written only for redeliveries (never for a first delivery, the hot path), in a transaction
+    of its own that commits before the task runs, so a delivery that kills its worker still
+    counts. Past ``DELIVERY_LIMIT`` the message is dead-lettered instead of run again.
+    """
+
+    task_id = models.CharField(_("task id"), max_length=255, unique=True)
+    task_name = models.CharField(_("task"), max_length=200, blank=True)
+    event_id = models.CharField(_("event id"), max_length=255, blank=True)
+    deliveries = models.PositiveIntegerField(_("deliveries"), default=1)
+    first_delivered_at = models.DateTimeField(_("first counted at"), db_default=Now())
+    last_delivered_at = models.DateTimeField(_("last counted at"), db_default=Now())
+
+    class Meta:
+        verbose_name = _("delivery attempt")
+        verbose_name_plural = _("delivery attempts")
+        indexes = [
+            models.Index(fields=["last_delivered_at"], name="idempotency_delivery_last"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name or '?'} {self.task_id}: {self.deliveries}"
