@@ -1,0 +1,25 @@
+"""The database's clock: the one every process that orders or purges records agrees on."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import connections
+from django.db.models import DateTimeField
+from django.db.models.functions import Now
+from django.db.models.sql import Query
+
+
+def database_now(using: str) -> datetime:
+    """``now()`` as the database *using* tells it (an aware datetime when ``USE_TZ``)."""
+    connection = connections[using]
+    query = Query(None)
+    now = Now().resolve_expression(query)
+    sql, params = now.as_sql(query.get_compiler(using), connection)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {sql}", params)
+        (value,) = cursor.fetchone()
+    for converter in connection.ops.get_db_converters(now):
+        value = converter(value, now, connection)
+    result: datetime = DateTimeField().to_python(value)
+    return result
