@@ -9,6 +9,9 @@ from rest_framework.test import APIClient
 from tests.factories import CustomerFactory, ProductFactory, UserFactory
 from tests.services import required
 
+# Shared fixtures kept in modules of their own.
+pytest_plugins = ["tests.replica"]
+
 
 @pytest.fixture
 def user(db):  # type: ignore[no-untyped-def]
