@@ -1,47 +1,325 @@
 """Celery integration: the task decorator (a thin layer over :func:`run_once`), the task base
-class that dead-letters what fails for good, and a worker consumer that dead-letters messages no
-task could ever read.
+class that decides what becomes of each delivery, and a worker consumer that dead-letters
+messages no task could ever read.
+
+The rule: a message leaves the broker (acknowledged, or rejected without requeue) only once its
+outcome is durable: the effect and its inbox record committed, or a dead letter stored. So
+
+- a transient error (the database unreachable, a serialization failure, a connection reset) is
+  waited out in-process for up to ``TRANSIENT_RETRY_WINDOW``, then the message goes back to the
+  broker (``Reject(requeue=True)``); it never consumes the task's retries, however long it lasts;
+- a final failure (retries exhausted, an error not retried, an event that can never be
+  processed) stores a dead letter, and the message is rejected without requeue only if the
+  dead letter was stored; otherwise it goes back to the broker;
+- a message delivered more than ``DELIVERY_LIMIT`` times (one that kills its worker: a hard time
+  limit, an out-of-memory kill) is dead-lettered instead of being run again;
+- a delivery whose claim committed is done, even if an ``on_commit`` callback raised afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
+import time
+import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import shared_task
 from celery.contrib.django.task import DjangoTask
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.consumer import Consumer
-from django.db import InterfaceError, OperationalError
+from django.db import DatabaseError, connections
 
 from idempotency import deadletters
 
 from .conf import app_settings
 from .decorators import run_once
-from .exceptions import InvalidEventId
+from .exceptions import AfterCommitError, InvalidEvent, InvalidEventId
 from .keys import KeySpec, extract_key
+from .transient import TRANSIENT_ERRORS, is_transient
 
 logger = logging.getLogger("idempotency")
 
-#: Database errors that say nothing about the event: the attempt is retried with backoff.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
+#: The first in-process pause after a transient error, and the longest; each pause doubles,
+#: with jitter, so workers that lost the database together do not come back together.
+TRANSIENT_BACKOFF_FIRST = 0.25
+TRANSIENT_BACKOFF_MAX = 5.0
+
+#: The header RabbitMQ quorum queues count deliveries in (absent on a first delivery).
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+#: Control flow of Celery's own: never a failure of the event.
+_CELERY_SIGNALS = (Retry, Reject, Ignore)
+
+
+def delivery_number(request: Any) -> int | None:
+    """Which delivery of its message *request* is, when the broker says; None for a first one.
+
+    RabbitMQ quorum queues count in ``x-delivery-count``; RabbitMQ classic queues and kombu's
+    Redis transport (which sets it when it restores an unacknowledged or requeued message) flag a
+    redelivery in ``delivery_info["redelivered"]``: such a delivery is counted durably
+    (:class:`~idempotency.models.DeliveryAttempt`), and ``0`` says so. The filesystem transport
+    flags nothing: its deliveries are not counted.
+    """
+    count = getattr(request, DELIVERY_COUNT_HEADER, None)
+    if count is not None:
+        try:
+            return int(count) + 1
+        except (TypeError, ValueError):
+            pass
+    info = getattr(request, "delivery_info", None) or {}
+    if info.get("redelivered") or getattr(request, "redelivered", False):
+        return 0
+    return None
+
+
+class _TransientWait:
+    """The in-process wait of one delivery: capped exponential backoff with jitter."""
+
+    def __init__(self, window: float) -> None:
+        self.deadline = time.monotonic() + window
+        self.pauses = 0
+
+    def pause(self) -> bool:
+        """Sleep before the next attempt; False when the window is spent (give the message back)."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        delay = min(TRANSIENT_BACKOFF_MAX, TRANSIENT_BACKOFF_FIRST * 2**self.pauses)
+        delay = delay / 2 + random.uniform(0, delay / 2)  # jitter, not secrecy
+        time.sleep(min(delay, remaining))
+        self.pauses += 1
+        return True
+
+
+def _drop_connections() -> None:
+    """Close the connections a transient error may have broken, so the next attempt reconnects.
+
+    A connection inside an atomic block belongs to a caller (an eager task in a transaction of
+    its own): closing it would break that transaction, so it is left alone.
+    """
+    for connection in connections.all(initialized_only=True):
+        if connection.in_atomic_block:
+            continue
+        # Closing a dead connection may fail; Django forgets it either way.
+        with contextlib.suppress(DatabaseError):
+            connection.close()
 
 
 class IdempotentTask(DjangoTask):
-    """Base of ``@idempotent_task`` tasks: a final failure becomes a dead letter.
+    """Base of ``@idempotent_task`` tasks: decides what becomes of each delivery (see the module).
 
-    Final means after the task's retries, or an error it does not retry. The message is then
-    rejected without requeueing (RabbitMQ routes it to the queue's dead-letter queue), and the
-    database keeps it whatever the broker, for ``manage.py dead_letters`` to list and re-drive.
+    ``retry_for`` (the decorator's ``autoretry_for``) lists the errors retried with the task's
+    retries and backoff, as Celery's ``autoretry_for`` would; transient database errors are not
+    among them: they are waited out without consuming a retry.
     """
 
     idempotent = True
     key_spec: KeySpec | None = None
+    consumer_name: str | None = None
+    retry_for: tuple[type[BaseException], ...] = ()
+    dont_retry_for: tuple[type[BaseException], ...] = ()
+
+    def deliver(self, event: Any, args: tuple[Any, ...], kwargs: dict[str, Any], apply: Any) -> Any:
+        """Process one delivery with *apply* (the claim and the handler); see the module."""
+        wait: _TransientWait | None = None
+        counted = False
+        while True:
+            try:
+                if not counted:
+                    # Once per delivery, however many attempts the transient waits make.
+                    if self._over_delivery_limit(event, args, kwargs):
+                        return None
+                    counted = True
+                return apply()
+            except _CELERY_SIGNALS:
+                raise
+            except AfterCommitError as exc:
+                # Applied and committed: acknowledge. Failing the task would dead-letter an event
+                # whose effect exists, and a re-drive after a purge would apply it twice.
+                logger.error(
+                    "%s applied event %s, then an on_commit callback raised: %r",
+                    self.name,
+                    exc.event_id,
+                    exc.__cause__,
+                    exc_info=exc,
+                    extra={"consumer": exc.consumer, "event_id": exc.event_id},
+                )
+                return None
+            except InvalidEventId as exc:
+                self._refuse(deadletters.INVALID_KEY, exc, event, args, kwargs)
+            except InvalidEvent as exc:
+                self._refuse(deadletters.INVALID_EVENT, exc, event, args, kwargs)
+            except Exception as exc:
+                if not (isinstance(exc, TRANSIENT_ERRORS) and is_transient(exc)):
+                    self._retry_or_fail(exc, event, args, kwargs)
+                if wait is None:
+                    wait = _TransientWait(self._transient_window())
+                _drop_connections()
+                if not wait.pause():
+                    logger.warning(
+                        "%s[%s]: the database is still unavailable (%r): the message goes back "
+                        "to the broker",
+                        self.name,
+                        self.request.id,
+                        exc,
+                        extra={"consumer": self._consumer(), "event_id": self._event_id([event])},
+                    )
+                    raise Reject(exc, requeue=True) from exc
+                logger.warning(
+                    "%s[%s]: transient database error, attempt %d again: %r",
+                    self.name,
+                    self.request.id,
+                    wait.pauses + 1,
+                    exc,
+                )
+
+    def _transient_window(self) -> float:
+        window = app_settings.TRANSIENT_RETRY_WINDOW.total_seconds()
+        # A wait that outlasts the time limit would end in a kill, which counts as a delivery:
+        # an outage must not spend the delivery limit, so the wait stays well inside the limit.
+        limits = [
+            limit
+            for limit in (*(getattr(self.request, "timelimit", None) or ()), self.soft_time_limit)
+            if limit
+        ]
+        if self.time_limit:
+            limits.append(self.time_limit)
+        return min([window, *(float(limit) / 2 for limit in limits)])
+
+    def _over_delivery_limit(self, event: Any, args: Any, kwargs: Any) -> bool:
+        """Count a redelivery; True when it was past ``DELIVERY_LIMIT`` and is a duplicate."""
+        limit = app_settings.DELIVERY_LIMIT
+        request = self.request
+        if limit is None or not request.id:
+            return False
+        deliveries = delivery_number(request)
+        if deliveries is None:
+            return False  # a first delivery: the hot path writes nothing
+        event_id = self._event_id([event])
+        if deliveries == 0:
+            from .models import DeliveryAttempt
+
+            deliveries = DeliveryAttempt.objects.count_delivery(
+                request.id, task_name=self.name, event_id=event_id
+            )
+        if deliveries <= limit:
+            return False
+        if event_id and self._in_inbox(event_id):
+            logger.warning(
+                "%s[%s]: delivery %d of event %s, which is already processed: acknowledged",
+                self.name,
+                request.id,
+                deliveries,
+                event_id,
+                extra={"consumer": self._consumer(), "event_id": event_id},
+            )
+            return True
+        exc = RuntimeError(
+            f"delivered {deliveries} times (DELIVERY_LIMIT is {limit}): each delivery ended "
+            "without an outcome (the worker was killed or lost)"
+        )
+        letter = deadletters.record(
+            reason=deadletters.DELIVERY_LIMIT,
+            task_name=self.name,
+            task_id=request.id,
+            event_id=event_id,
+            args=[event, *args],
+            kwargs=kwargs,
+            exception=exc,
+            attempts=deliveries,
+        )
+        raise Reject(exc, requeue=letter is None)
+
+    def _in_inbox(self, event_id: str) -> bool:
+        from .inbox import inbox_database
+        from .models import ProcessedEvent
+
+        using = inbox_database()
+        records = ProcessedEvent.objects.using(using).for_consumer(self._consumer())
+        return records.for_event(event_id).exists()
+
+    def _refuse(self, reason: str, exc: Exception, event: Any, args: Any, kwargs: Any) -> NoReturn:
+        """An event that can never be processed: a dead letter, and no requeue once stored."""
+        logger.error(
+            "%s refused a message: %s",
+            self.name,
+            exc,
+            extra={"consumer": self._consumer()},
+        )
+        letter = deadletters.record(
+            reason=reason,
+            task_name=self.name,
+            task_id=self.request.id or "",
+            event_id=self._event_id([event]),
+            args=[event, *args],
+            kwargs=kwargs,
+            exception=exc,
+            traceback=_format(exc),
+        )
+        raise Reject(exc, requeue=letter is None) from exc
+
+    def _retry_or_fail(self, exc: Exception, event: Any, args: Any, kwargs: Any) -> NoReturn:
+        if isinstance(exc, self.retry_for) and not isinstance(exc, self.dont_retry_for):
+            # The options Celery's autoretry_for reads, with its defaults.
+            options = dict(getattr(self, "retry_kwargs", None) or {})
+            backoff = getattr(self, "retry_backoff", False)
+            if backoff:
+                options["countdown"] = get_exponential_backoff_interval(
+                    factor=int(max(1.0, float(backoff))),
+                    retries=self.request.retries,
+                    maximum=int(getattr(self, "retry_backoff_max", 600)),
+                    full_jitter=getattr(self, "retry_jitter", True),
+                )
+            try:
+                raise self.retry(exc=exc, **options)
+            except Retry:
+                raise
+            except Reject as rejected:
+                # Celery rejects without requeue when it cannot publish the retry: a broker
+                # error is no reason to drop the message.
+                reason = getattr(rejected, "reason", None) or exc
+                raise Reject(reason, requeue=True) from exc
+            except Exception:
+                pass  # retries exhausted (Celery re-raises exc): a final failure
+        self._fail(exc, event, args, kwargs)
+
+    def _fail(self, exc: Exception, event: Any, args: Any, kwargs: Any) -> NoReturn:
+        """A final failure: re-raised once its dead letter is stored, given back otherwise."""
+        letter = deadletters.record(
+            reason=deadletters.FAILED,
+            task_name=self.name,
+            task_id=self.request.id or "",
+            event_id=self._event_id([event]),
+            args=[event, *args],
+            kwargs=kwargs,
+            exception=exc,
+            traceback=_format(exc),
+            attempts=(self.request.retries or 0) + 1,
+        )
+        if letter is None:
+            logger.error(
+                "%s[%s] failed for good, but its dead letter could not be stored: the message "
+                "goes back to the broker",
+                self.name,
+                self.request.id,
+                exc_info=exc,
+            )
+            raise Reject(exc, requeue=True) from exc
+        # The task fails as usual (its state, signals and log); Celery then rejects the message
+        # without requeue (acks_on_failure_or_timeout=False), and on_failure stores nothing more.
+        self.request.idempotency_dead_letter = letter.pk  # type: ignore[attr-defined]
+        raise exc
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
+        if getattr(self.request, "idempotency_dead_letter", None) is not None:
+            return
+        # A failure that did not go through deliver() (Celery's own, after the task returned).
         deadletters.record(
             reason=deadletters.FAILED,
             task_name=self.name,
@@ -51,8 +329,11 @@ class IdempotentTask(DjangoTask):
             event_id=self._event_id(args),
             exception=exc,
             traceback=str(einfo) if einfo else "",
-            attempts=self.request.retries + 1,
+            attempts=(self.request.retries or 0) + 1,
         )
+
+    def _consumer(self) -> str:
+        return self.consumer_name or self.name
 
     def _event_id(self, args: Any) -> str:
         if not args:
@@ -60,8 +341,15 @@ class IdempotentTask(DjangoTask):
         try:
             spec = self.key_spec if self.key_spec is not None else app_settings.KEY
             return extract_key(args[0], spec)
-        except InvalidEventId:
+        except Exception:  # any event, however malformed: the id is only a label here
             return ""
+
+
+def _format(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception:
+        return ""
 
 
 #: Task options that make at-least-once delivery safe; a decorator argument overrides them.
@@ -84,6 +372,7 @@ def idempotent_task(
     consumer: str | None = None,
     on_mismatch: str | None = None,
     store_result: bool | None = None,
+    result_serializer: Any = None,
     using: str | None = None,
     **task_options: Any,
 ) -> Any:
@@ -91,19 +380,29 @@ def idempotent_task(
 
     ``@idempotent_task`` or ``@idempotent_task(key=..., consumer=..., **celery_options)``.
     The consumer name defaults to the task's name. The task is ``acks_late`` with
-    ``reject_on_worker_lost``, so a killed worker's message is redelivered, not lost; transient
-    database errors are retried with backoff (``autoretry_for`` adds to them); an event without
-    a usable key, or one that fails for good, becomes a dead letter instead of looping.
+    ``reject_on_worker_lost``, so a killed worker's message is redelivered, not lost. Transient
+    database errors are waited out, then the message goes back to the broker; ``autoretry_for``
+    errors are retried with the task's retries and backoff; an event without a usable key, one
+    that fails for good, or one delivered past ``DELIVERY_LIMIT`` becomes a dead letter.
     """
     options = {**SAFE_TASK_OPTIONS, **task_options}
-    options["autoretry_for"] = (*TRANSIENT_ERRORS, *task_options.get("autoretry_for", ()))
+    # Handled by deliver(), not by Celery's autoretry wrapper, which would let a final failure
+    # escape to on_failure, too late to decide whether the message may leave the broker.
+    options["retry_for"] = tuple(options.pop("autoretry_for", ()))
+    options["dont_retry_for"] = tuple(options.pop("dont_autoretry_for", ()))
     bind = options.pop("bind", False)
+    run_options: dict[str, Any] = {}
+    if result_serializer is not None:
+        run_options["result_serializer"] = result_serializer
 
     def decorate(fn: Callable[..., Any]) -> Any:
         def run(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
             call_args = (self, event, *args) if bind else (event, *args)
-            try:
-                return run_once(
+            return self.deliver(
+                event,
+                args,
+                kwargs,
+                lambda: run_once(
                     consumer or self.name,
                     event,
                     lambda: fn(*call_args, **kwargs),
@@ -111,29 +410,15 @@ def idempotent_task(
                     on_mismatch=on_mismatch,
                     store_result=store_result,
                     using=using,
-                )
-            except InvalidEventId as exc:
-                logger.error(
-                    "%s rejected a message without a usable key: %s",
-                    self.name,
-                    exc,
-                    extra={"consumer": consumer or self.name},
-                )
-                deadletters.record(
-                    reason=deadletters.INVALID_KEY,
-                    task_name=self.name,
-                    task_id=self.request.id or "",
-                    args=[event, *args],
-                    kwargs=kwargs,
-                    exception=exc,
-                )
-                raise Reject(exc, requeue=False) from exc
+                    **run_options,
+                ),
+            )
 
         run.__name__ = fn.__name__
         run.__qualname__ = fn.__qualname__
         run.__module__ = fn.__module__
         run.__doc__ = fn.__doc__
-        return shared_task(bind=True, key_spec=key, **options)(run)
+        return shared_task(bind=True, key_spec=key, consumer_name=consumer, **options)(run)
 
     return decorate(func) if func is not None else decorate
 
@@ -141,21 +426,34 @@ def idempotent_task(
 class DeadLetterConsumer(Consumer):
     """A worker consumer that keeps what Celery would otherwise log and drop.
 
-    Enable it with ``CELERY_WORKER_CONSUMER = "idempotency.celery:DeadLetterConsumer"``.
+    Enable it with ``CELERY_WORKER_CONSUMER = "idempotency.celery:DeadLetterConsumer"``. A
+    message whose dead letter could not be stored (the database is down) is not dropped: on
+    RabbitMQ it is rejected into the queue's dead-letter queue (``manage.py dead_letters
+    import`` brings it in later), elsewhere it goes back to its queue after a pause.
     """
 
+    #: How long the consumer pauses before giving back a message it could not dead-letter, so
+    #: a database outage does not spin it on the same message.
+    give_back_pause = 1.0
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        deadletters.record(
+        headers = dict(message.headers or {})
+        letter = deadletters.record(
             reason=deadletters.UNDECODABLE,
+            task_name=str(headers.get("task", "")),
+            task_id=str(headers.get("id", "")),
             body=_raw_body(message),
             exception=exc,
-            headers=dict(message.headers or {}),
+            headers=headers,
         )
+        if letter is None:
+            self._keep(message)
+            return
         super().on_decode_error(message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         headers = dict(message.headers or {})
-        deadletters.record(
+        letter = deadletters.record(
             reason=deadletters.UNKNOWN_TASK,
             task_name=str(headers.get("task", "")),
             task_id=str(headers.get("id", "")),
@@ -163,7 +461,18 @@ class DeadLetterConsumer(Consumer):
             exception=exc,
             headers=headers,
         )
+        if letter is None:
+            self._keep(message)
+            return
         super().on_unknown_task(body, message, exc)
+
+    def _keep(self, message: Any) -> None:
+        transport = getattr(getattr(self, "connection", None), "transport", None)
+        if getattr(transport, "driver_type", "") == "amqp":
+            message.reject(requeue=False)  # RabbitMQ routes it to <queue>.dead
+            return
+        time.sleep(self.give_back_pause)
+        message.reject(requeue=True)
 
 
 def _raw_body(message: Any) -> str:

@@ -428,7 +428,8 @@ class DeadLetter(models.Model):
 
     @property
     def can_redrive(self) -> bool:
-        return bool(self.task_name) and self.args is not None
+        # Arguments kept only as text (too deep or too large for JSON) cannot be sent again.
+        return bool(self.task_name) and isinstance(self.args, list)
 
 
 class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
@@ -493,6 +494,41 @@ class OutboxMessage(models.Model):
         return f"{self.task_name} {self.event_id or self.task_id}"
 
 
+class DeliveryAttemptQuerySet(models.QuerySet["DeliveryAttempt"]):
+    def count_delivery(self, task_id: str, *, task_name: str = "", event_id: str = "") -> int:
+        """Count one more delivery of *task_id* and commit it; the deliveries counted so far.
+
+        Called for a redelivery only, so the first delivery, never written, is counted with
+        it: a message's first counted delivery is its second. The row is locked while it is
+        counted, so two workers that got the same message count two deliveries.
+        """
+        using = self._db or router.db_for_write(self.model) or DEFAULT_DB_ALIAS  # type: ignore[attr-defined]
+        attempts = self.using(using)
+        with transaction.atomic(using=using):
+            row, created = attempts.select_for_update().get_or_create(
+                task_id=task_id,
+                defaults={"task_name": task_name, "event_id": event_id, "deliveries": 2},
+            )
+            if created:
+                return row.deliveries
+            attempts.filter(pk=row.pk).update(
+                deliveries=models.F("deliveries") + 1, last_delivered_at=Now()
+            )
+            return row.deliveries + 1
+
+    def purge(self, *, before: datetime, batch_size: int = 1000) -> int:
+        """Delete the counters last written before *before*, a batch per transaction."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        using = self._db or router.db_for_write(self.model) or DEFAULT_DB_ALIAS  # type: ignore[attr-defined]
+        expired = self.using(using).filter(last_delivered_at__lt=before).order_by("pk")
+        deleted = 0
+        while pks := list(expired.values_list("pk", flat=True)[:batch_size]):
+            with transaction.atomic(using=using):
+                deleted += expired.filter(pk__gte=pks[0], pk__lte=pks[-1]).delete()[0]
+        return deleted
+
+
 class DeliveryAttempt(models.Model):
     """How many times a redelivered message has reached a worker, counted durably.
 
@@ -507,6 +543,8 @@ class DeliveryAttempt(models.Model):
     deliveries = models.PositiveIntegerField(_("deliveries"), default=1)
     first_delivered_at = models.DateTimeField(_("first counted at"), db_default=Now())
     last_delivered_at = models.DateTimeField(_("last counted at"), db_default=Now())
+
+    objects = DeliveryAttemptQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("delivery attempt")

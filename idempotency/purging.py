@@ -1,11 +1,12 @@
-"""The records that share the inbox's retention: HTTP idempotency keys and sent outbox messages."""
+"""The records that share the inbox's retention: HTTP idempotency keys, sent outbox messages and
+the delivery counters of redelivered messages."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from .conf import app_settings
-from .models import IdempotencyKey, OutboxMessage
+from .models import DeliveryAttempt, IdempotencyKey, OutboxMessage
 
 
 def purge_other_records(
@@ -13,15 +14,20 @@ def purge_other_records(
 ) -> dict[str, int]:
     """Delete them past ``RETENTION`` (or *before*); the number deleted per kind.
 
-    Unpublished outbox messages are never deleted, however old: they are events still owed.
+    *now* should be the database's clock (:func:`idempotency.clock.database_now`), which stamped
+    the records. An explicit *before* never purges what the settings keep forever: with
+    ``RETENTION = None`` nothing is deleted, as the inbox's own purge does. Unpublished outbox
+    messages are never deleted, however old: they are events still owed.
     """
     retention = app_settings.RETENTION
-    cutoff = before if before is not None else (None if retention is None else now - retention)
-    if cutoff is None:
+    if retention is None:
         return {}
+    cutoff = before if before is not None else now - retention
     keys = IdempotencyKey.objects.using(using)
     messages = OutboxMessage.objects.using(using)
+    attempts = DeliveryAttempt.objects.using(using)
     return {
         "HTTP idempotency keys": keys.purge(before=cutoff, batch_size=batch_size),
         "published outbox messages": messages.purge_published(before=cutoff, batch_size=batch_size),
+        "delivery counters": attempts.purge(before=cutoff, batch_size=batch_size),
     }

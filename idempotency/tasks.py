@@ -16,8 +16,9 @@ import logging
 import time
 
 from celery import shared_task
-from django.utils import timezone
+from django.db import DEFAULT_DB_ALIAS, router
 
+from .clock import database_now
 from .conf import app_settings
 from .models import ProcessedEvent
 from .purging import purge_other_records
@@ -34,14 +35,20 @@ def purge_processed_events(batch_size: int | None = None, consumer: str | None =
     next one deletes what this one left.
     """
     started = time.monotonic()
-    deleted = ProcessedEvent.objects.purge(batch_size=batch_size, consumer=consumer)
+    # The primary, never the read alias (a replica refuses the DELETEs), and its clock: the
+    # records were stamped by it, and a worker's clock may be ahead.
+    using = router.db_for_write(ProcessedEvent) or DEFAULT_DB_ALIAS
+    now = database_now(using)
+    records = ProcessedEvent.objects.using(using)
+    deleted = records.purge(batch_size=batch_size, consumer=consumer, now=now)
     if consumer is None:
-        # The HTTP keys and the sent outbox messages share the inbox's retention.
+        # The HTTP keys, the sent outbox messages and the delivery counters share the inbox's
+        # retention.
         purge_other_records(
             before=None,
-            now=timezone.now(),
+            now=now,
             batch_size=batch_size or app_settings.PURGE_BATCH_SIZE,
-            using=ProcessedEvent.objects.db,
+            using=using,
         )
     seconds = time.monotonic() - started
     logger.info(

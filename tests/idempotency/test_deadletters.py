@@ -9,7 +9,9 @@ from unittest import mock
 import pytest
 from celery.exceptions import Reject
 from django.core.management import CommandError, call_command
+from django.db import OperationalError
 
+from idempotency import deadletters
 from idempotency.celery import DeadLetterConsumer, idempotent_task
 from idempotency.models import DeadLetter, OutboxMessage, ProcessedEvent
 
@@ -66,11 +68,12 @@ def test_retries_run_out_then_dead_letter() -> None:
     assert letter.event_id == "e-2"
 
 
-def test_transient_database_errors_are_retried() -> None:
+def test_transient_database_errors_do_not_spend_retries() -> None:
     from django.db import OperationalError
 
-    assert OperationalError in flaky.autoretry_for
-    assert LookupError in flaky.autoretry_for
+    # Waited out in-process (tests/idempotency/test_celery.py), never retried with a countdown.
+    assert flaky.retry_for == (LookupError,)
+    assert not issubclass(OperationalError, flaky.retry_for)
     assert flaky.acks_on_failure_or_timeout is False
 
 
@@ -113,3 +116,119 @@ def test_an_undecodable_message_is_kept_not_dropped() -> None:
     out = StringIO()
     call_command("dead_letters", "redrive", "--all", stdout=out, stderr=out)
     assert "cannot be re-driven" in out.getvalue()
+
+
+# --- record() never raises -----------------------------------------------------------------------
+
+
+def nested(depth: int) -> Any:
+    value: Any = {"eventId": "deep"}
+    for _ in range(depth):
+        value = {"child": value}
+    return value
+
+
+class Hostile:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
+
+
+def test_a_deeply_nested_payload_is_stored_as_text() -> None:
+    letter = deadletters.record(reason="failed", task_name="t", args=[nested(950)])
+    assert letter is not None
+    letter.refresh_from_db()
+    assert letter.args is None  # no JSON form within the depth kept
+    assert letter.body.startswith("args: [{'child': {'child'")
+    assert not letter.can_redrive
+
+
+def test_an_object_whose_repr_raises_is_stored() -> None:
+    letter = deadletters.record(
+        reason="failed",
+        task_name="t",
+        args=[{"eventId": "e-1", "thing": Hostile()}],
+        exception=RecursionError("maximum recursion depth exceeded"),
+    )
+    assert letter is not None
+    letter.refresh_from_db()
+    assert letter.args[0]["eventId"] == "e-1"
+    assert letter.args[0]["thing"].startswith("<Hostile instance at")
+    assert "RecursionError" in letter.exception
+
+
+def test_nul_bytes_lone_surrogates_and_nan_are_stored() -> None:
+    letter = deadletters.record(
+        reason="failed",
+        task_name="t\x00",
+        event_id="e\x00-1",
+        args=[{"eventId": "e\x00-1", "note": "bad \ud800 half", "ratio": float("nan")}],
+        kwargs={"k\x00": "v"},
+        headers={"x": "\x00"},
+        body="raw\x00body",
+        exception=ValueError("nul \x00 inside"),
+        traceback="line\x00",
+    )
+    assert letter is not None
+    letter.refresh_from_db()
+    assert letter.event_id == "e\\x00-1"
+    assert letter.args == [{"eventId": "e\\x00-1", "note": "bad \\ud800 half", "ratio": "nan"}]
+    assert letter.kwargs == {"k\\x00": "v"}
+    assert letter.body == "raw\\x00body"
+    assert "\x00" not in letter.exception + letter.traceback + letter.task_name
+
+
+def test_an_oversized_payload_is_kept_as_cut_text() -> None:
+    with mock.patch("idempotency.deadletters._MAX_JSON", 1000):
+        letter = deadletters.record(reason="failed", task_name="t", args=[{"blob": "x" * 5000}])
+    assert letter is not None
+    letter.refresh_from_db()
+    assert letter.args is None
+    assert "xxxx" in letter.body
+    assert len(letter.body) <= 64 * 1024
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OperationalError("the database is down"),
+        UnicodeEncodeError("utf-8", "x", 0, 1, "a driver's encoding error"),
+        RecursionError("maximum recursion depth exceeded"),
+    ],
+)
+def test_a_failure_to_store_returns_none_and_logs_critical(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    with mock.patch("idempotency.deadletters._store", side_effect=error):
+        assert deadletters.record(reason="failed", task_name="t", args=[nested(950)]) is None
+    assert "could not store a dead letter" in caplog.text
+    assert not DeadLetter.objects.exists()
+
+
+def test_an_undecodable_message_that_cannot_be_stored_is_not_dropped() -> None:
+    consumer = mock.Mock(spec=DeadLetterConsumer, give_back_pause=0, connection=mock.Mock())
+    consumer.connection.transport.driver_type = "redis"
+    message = mock.Mock(body=b"{not json", headers={"id": "t-1"})
+    with (
+        mock.patch("idempotency.deadletters._store", side_effect=OperationalError("down")),
+        mock.patch("celery.worker.consumer.Consumer.on_decode_error") as original,
+    ):
+        DeadLetterConsumer.on_decode_error(consumer, message, ValueError("bad json"))
+        consumer._keep.assert_called_once_with(message)
+        DeadLetterConsumer._keep(consumer, message)
+    original.assert_not_called()  # Celery's would acknowledge it: gone
+    message.reject.assert_called_once_with(requeue=True)
+    message.ack.assert_not_called()
+    consumer.connection.transport.driver_type = "amqp"
+    message.reset_mock()
+    DeadLetterConsumer._keep(consumer, message)
+    message.reject.assert_called_once_with(requeue=False)  # to <queue>.dead, for import
+
+
+def test_the_undecodable_letter_keeps_the_task_id() -> None:
+    consumer = mock.Mock(spec=DeadLetterConsumer)
+    message = mock.Mock(body=b"\x00\xff", headers={"id": "t-7", "task": "x.y"})
+    with mock.patch("celery.worker.consumer.Consumer.on_decode_error"):
+        DeadLetterConsumer.on_decode_error(consumer, message, ValueError("bad"))
+    letter = DeadLetter.objects.get()
+    assert (letter.task_id, letter.task_name) == ("t-7", "x.y")
+    assert "\x00" not in letter.body

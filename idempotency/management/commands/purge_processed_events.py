@@ -10,8 +10,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections, router
 from django.db.models import Count
-from django.utils import timezone
 
+from idempotency.clock import database_now
 from idempotency.conf import app_settings
 from idempotency.models import ProcessedEvent, RetentionCutoffs, retention_cutoffs
 from idempotency.purging import purge_other_records
@@ -118,7 +118,9 @@ class Command(BaseCommand):
                 f"the retention of consumer {consumer!r} is None: its records are kept forever "
                 "and never purged (see IDEMPOTENCY['CONSUMER_RETENTION'] and ['RETENTION'])"
             )
-        now = timezone.now()
+        # The database's clock stamped the records: a cut-off from this process's clock would
+        # purge fresh records whenever it runs ahead.
+        now = database_now(using)
         before = None
         if options["older_than"] is not None:
             before = now - parse_age(options["older_than"])
