@@ -30,6 +30,24 @@ class Command(BaseCommand):
             "--all", dest="everything", action="store_true", help="every pending dead letter"
         )
         redrive.add_argument("--task", help="with --all: only this task")
+        imports = sub.add_parser(
+            "import",
+            help="move the messages of RabbitMQ dead-letter queues into dead letters (reason "
+            "broker), so list and redrive see them",
+        )
+        imports.add_argument(
+            "--queue",
+            dest="queues",
+            action="append",
+            metavar="NAME",
+            help="a dead-letter queue to drain (repeatable; default: <queue>.dead of every "
+            "queue in CELERY_TASK_QUEUES that RabbitMQ dead-letters)",
+        )
+        imports.add_argument("--broker", help="the broker URL (default: CELERY_BROKER_URL)")
+        imports.add_argument("--limit", type=int, help="take at most this many messages per queue")
+        imports.add_argument(
+            "--dry-run", action="store_true", help="count what would be imported; take nothing"
+        )
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         getattr(self, f"_{action}")(**options)
@@ -75,6 +93,87 @@ class Command(BaseCommand):
                 f"({letter.get_reason_display()})"
             )
         self.stdout.write(f"re-drove {len(done)} dead letter(s) through the outbox")
+
+    def _import(
+        self,
+        *,
+        queues: list[str] | None,
+        broker: str | None,
+        limit: int | None,
+        dry_run: bool,
+        verbosity: int = 1,
+        **options: Any,
+    ) -> None:
+        from celery import current_app
+        from kombu import Connection
+
+        if limit is not None and limit < 1:
+            raise CommandError(f"--limit must be at least 1, not {limit}")
+        conf = current_app.conf
+        names = queues or deadletters.dead_letter_queue_names(conf.task_queues or ())
+        if not names:
+            raise CommandError(
+                "no dead-letter queue to import: give --queue, or declare CELERY_TASK_QUEUES "
+                "with an x-dead-letter-exchange (see project.queues.work_queue)"
+            )
+        with Connection(broker or conf.broker_url, connect_timeout=10) as connection:
+            if connection.transport.driver_type != "amqp":
+                raise CommandError(
+                    f"dead_letters import reads RabbitMQ dead-letter queues; the broker "
+                    f"{connection.as_uri()} is {connection.transport.driver_type}, which keeps "
+                    "none (its failed messages are already dead letters in the database)"
+                )
+            for name in names:
+                self._import_queue(connection, name, conf, limit, dry_run, verbosity)
+
+    def _import_queue(
+        self,
+        connection: Any,
+        name: str,
+        conf: Any,
+        limit: int | None,
+        dry_run: bool,
+        verbosity: int,
+    ) -> None:
+        channel = connection.channel()
+        try:
+            try:
+                _, waiting, _ = channel.queue_declare(queue=name, passive=True)
+            except connection.channel_errors as exc:
+                raise CommandError(f"there is no queue {name!r} on the broker ({exc})") from None
+            if verbosity >= 1:
+                self.stdout.write(f"{name}: {waiting:,} message(s) waiting")
+            taken = [0]
+
+            def progress(outcome: str, message: deadletters.BrokerMessage) -> None:
+                taken[0] += 1
+                if verbosity >= 2 or outcome == "failed":
+                    what = f"{message.task_name or '?'}[{message.task_id or '?'}]"
+                    self.stdout.write(f"  {outcome} {what}")
+                elif verbosity >= 1 and taken[0] % 100 == 0:
+                    self.stdout.write(f"  {taken[0]:,} taken")
+
+            result = deadletters.import_broker_queue(
+                channel,
+                name,
+                accept=conf.accept_content,
+                limit=limit,
+                dry_run=dry_run,
+                progress=progress,
+            )
+        finally:
+            # A dry run's messages, and one that could not be stored, go back to the queue.
+            channel.close()
+        verb = "would import" if dry_run else "imported"
+        self.stdout.write(
+            f"{name}: {verb} {result.imported:,} dead letter(s), skipped {result.skipped:,} "
+            "already stored"
+        )
+        if result.interrupted:
+            raise CommandError(
+                f"{name}: a dead letter could not be stored (see the log); the message and "
+                "those after it stay in the queue: run the import again once the database is back"
+            )
 
     @staticmethod
     def _get(pk: int) -> DeadLetter:
