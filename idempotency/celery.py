@@ -169,7 +169,9 @@ class IdempotentTask(DjangoTask):
                         extra={"consumer": self._consumer(), "event_id": self._event_id([event])},
                     )
                     raise Reject(exc, requeue=True) from exc
-                logger.warning(
+                # The first wait is worth a warning; the rest of an outage would flood the log.
+                logger.log(
+                    logging.WARNING if wait.pauses == 1 else logging.INFO,
                     "%s[%s]: transient database error, attempt %d again: %r",
                     self.name,
                     self.request.id,
