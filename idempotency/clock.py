@@ -15,7 +15,9 @@ def database_now(using: str) -> datetime:
     connection = connections[using]
     query = Query(None)
     now = Now().resolve_expression(query)
-    sql, params = now.as_sql(query.get_compiler(using), connection)
+    # compile() picks the vendor's form; on SQLite it keeps the milliseconds that plain
+    # CURRENT_TIMESTAMP drops.
+    sql, params = query.get_compiler(using).compile(now)
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {sql}", params)
         (value,) = cursor.fetchone()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -21,9 +21,15 @@ def run_once(
     key: KeySpec | None = None,
     on_mismatch: str | None = None,
     store_result: bool | None = None,
+    result_serializer: Callable[[Any], Any] | None = None,
+    allow_writes_to: Iterable[str] = (),
     using: str | None = None,
 ) -> R:
-    """Call *handler* unless *consumer* already processed *event*; return its (stored) result."""
+    """Call *handler* unless *consumer* already processed *event*; return its (stored) result.
+
+    A first delivery returns what *handler* returned; a duplicate returns the stored JSON form
+    of it (after *result_serializer*, if given). See :class:`idempotency.inbox.idempotent`.
+    """
     event_id = extract_key(event, key if key is not None else app_settings.KEY)
     with idempotent(
         consumer,
@@ -31,6 +37,8 @@ def run_once(
         payload=event,
         on_mismatch=on_mismatch,
         store_result=store_result,
+        result_serializer=result_serializer,
+        allow_writes_to=allow_writes_to,
         using=using,
     ) as claim:
         if claim.duplicate:
@@ -46,6 +54,8 @@ def idempotent_handler(
     key: KeySpec | None = None,
     on_mismatch: str | None = None,
     store_result: bool | None = None,
+    result_serializer: Callable[[Any], Any] | None = None,
+    allow_writes_to: Iterable[str] = (),
     using: str | None = None,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Make ``handler(event, ...)`` apply each event once.
@@ -66,6 +76,8 @@ def idempotent_handler(
                 key=key,
                 on_mismatch=on_mismatch,
                 store_result=store_result,
+                result_serializer=result_serializer,
+                allow_writes_to=allow_writes_to,
                 using=using,
             )
 

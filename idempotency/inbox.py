@@ -6,20 +6,32 @@ Everything else in the app (the Celery decorator, the handler decorator) is a th
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any
 
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from . import signals
 from .conf import MISMATCH_POLICIES, app_settings
-from .exceptions import IdempotencyConfigurationError, PayloadMismatch, TransactionRequired
-from .fingerprint import fingerprint as compute_fingerprint
+from .exceptions import (
+    AfterCommitError,
+    IdempotencyConfigurationError,
+    PayloadMismatch,
+    ResultNotSerializable,
+    TransactionRequired,
+)
+from .fingerprint import bounded_canonical_json, sha256_hex
+from .keys import event_id_key
 from .models import Outcome, ProcessedEvent
 from .statements import claim_statement
 
@@ -38,7 +50,7 @@ def inbox_database() -> str:
 
 def claim(
     consumer: str,
-    event_id: str,
+    event_id: Any,
     *,
     fingerprint: str = "",
     payload: Any = None,
@@ -49,8 +61,14 @@ def claim(
     Must run inside ``transaction.atomic()`` on the inbox database, next to the business
     change, so the two commit or roll back together. A concurrent claim of the same key blocks
     until this transaction ends, then sees ``created=False`` (or ``True`` if this one rolled back).
+    The id is validated as :func:`idempotency.keys.event_id_key` does (:class:`InvalidEventId`).
     """
-    using = using or inbox_database()
+    return _claim(consumer, event_id_key(event_id), fingerprint, payload, using or inbox_database())
+
+
+def _claim(
+    consumer: str, event_id: str, fingerprint: str, payload: Any, using: str
+) -> tuple[ProcessedEvent, bool]:
     if not connections[using].in_atomic_block:
         raise TransactionRequired(
             f"claim({consumer!r}, {event_id!r}) must run inside transaction.atomic(using={using!r})"
@@ -59,6 +77,41 @@ def claim(
         raise IdempotencyConfigurationError("a consumer name is required")
     defaults = {"fingerprint": fingerprint, "payload": payload}
     return claim_statement(using)(using, consumer, event_id, defaults)
+
+
+#: The statements a write guard refuses: those that change rows.
+_WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE", "TRUNCATE")
+_WRITE_IN_CTE = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
+
+
+def _is_write(sql: str) -> bool:
+    head = sql.lstrip(" \t\n(").upper()
+    return head.startswith(_WRITES) or (
+        head.startswith("WITH") and _WRITE_IN_CTE.search(sql) is not None
+    )
+
+
+class _WriteGuard:
+    """An execute wrapper on another database, refusing writes while a claim is open."""
+
+    def __init__(self, claim: idempotent, alias: str) -> None:
+        self.claim = claim
+        self.alias = alias
+
+    def __call__(
+        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if _is_write(sql):
+            claim = self.claim
+            raise IdempotencyConfigurationError(
+                f"{claim.consumer} event {claim.event_id!r}: the claim is open on database "
+                f"{claim.using!r}, but this statement writes to {self.alias!r}: it would "
+                "commit separately from the inbox record, so a redelivery after a failure "
+                f"repeats it. Route the model to {claim.using!r} (see docs/databases.md), claim "
+                f"with using={self.alias!r}, or pass allow_writes_to=({self.alias!r},). "
+                f"Statement: {sql[:120]}"
+            )
+        return execute(sql, params, many, context)
 
 
 class idempotent:  # noqa: N801 (used as a context manager, like transaction.atomic)
@@ -72,33 +125,58 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
 
     It opens ``transaction.atomic()`` (a savepoint when nested, unless ``savepoint=False``),
     claims the key, and commits the record with the block's writes. If the block raises, the
-    record is rolled back with everything else, so a retry processes the event again.
+    record is rolled back with everything else, so a retry processes the event again. Whatever
+    raises (the claim, a signal receiver, the result's encoding), the atomic block is left.
 
     A duplicate whose payload fingerprint differs from the stored one raises
     :class:`PayloadMismatch` from ``__enter__`` (the block does not run) or, with
     ``on_mismatch="discard"``, is discarded like any duplicate. Either way the mismatch is
     logged, signalled and recorded on the original row (unless an enclosing transaction of the
     caller's rolls back).
+
+    The result is stored as JSON (``DjangoJSONEncoder``: dates, decimals and UUIDs become
+    strings), after *result_serializer* if one is given; a result with no JSON form raises
+    :class:`ResultNotSerializable` on leaving the block, which rolls the effect back. A payload
+    deeper than ``MAX_EVENT_DEPTH``, larger than ``MAX_EVENT_BYTES`` or with no JSON form raises
+    :class:`InvalidEvent` before anything runs.
+
+    When the claim's transaction is the outermost one, it commits, and then an ``on_commit``
+    callback raises, :class:`AfterCommitError` is raised from the callback's exception: the
+    event was applied. With several databases configured, a write to a database other than
+    *using* while the claim is open raises :class:`IdempotencyConfigurationError` before it runs,
+    except to the aliases in *allow_writes_to* (see docs/databases.md).
     """
 
     def __init__(
         self,
         consumer: str,
-        event_id: str,
+        event_id: Any,
         *,
         payload: Any = _NO_PAYLOAD,
         on_mismatch: str | None = None,
         store_result: bool | None = None,
         store_payload: bool | None = None,
+        result_serializer: Callable[[Any], Any] | None = None,
+        allow_writes_to: Iterable[str] = (),
         using: str | None = None,
         savepoint: bool = True,
     ) -> None:
         self.consumer = consumer
-        self.event_id = str(event_id)
-        self.fingerprint = "" if payload is _NO_PAYLOAD else compute_fingerprint(payload)
+        self.event_id = event_id_key(event_id)
         if store_payload is None:
             store_payload = app_settings.STORE_PAYLOADS
-        self.payload = payload if store_payload and payload is not _NO_PAYLOAD else None
+        if payload is _NO_PAYLOAD:
+            self.fingerprint = ""
+            self.payload = None
+        else:
+            encoded = bounded_canonical_json(
+                payload,
+                max_depth=app_settings.MAX_EVENT_DEPTH,
+                max_bytes=app_settings.MAX_EVENT_BYTES,
+            )
+            self.fingerprint = sha256_hex(encoded)
+            # Stored in its JSON form, which the canonical encoding has just proven it has.
+            self.payload = json.loads(encoded) if store_payload else None
         self.on_mismatch = on_mismatch or app_settings.ON_MISMATCH
         if self.on_mismatch not in MISMATCH_POLICIES:
             raise IdempotencyConfigurationError(
@@ -106,6 +184,8 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 f"not {self.on_mismatch!r}"
             )
         self.store_result = app_settings.STORE_RESULTS if store_result is None else store_result
+        self.result_serializer = result_serializer
+        self.allow_writes_to = frozenset(allow_writes_to)
         self.using = using or inbox_database()
         self._atomic = transaction.atomic(using=self.using, savepoint=savepoint)
         self.record: ProcessedEvent | None = None
@@ -114,6 +194,9 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         self._outcome = Outcome.PROCESSED
         self._reason = ""
         self._token: Any = None
+        self._open = False
+        self._committed = False
+        self._guards: ExitStack | None = None
 
     @property
     def duplicate(self) -> bool:
@@ -128,22 +211,49 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
     def _log_extra(self) -> dict[str, str]:
         return {"consumer": self.consumer, "event_id": self.event_id}
 
+    def _mark_committed(self) -> None:
+        self._committed = True
+
+    def _close(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Leave the atomic block once, whichever path gets here first."""
+        guards, self._guards = self._guards, None
+        if guards is not None:
+            guards.close()
+        if self._open:
+            self._open = False
+            self._atomic.__exit__(exc_type, exc, tb)
+
     def __enter__(self) -> idempotent:
+        connection = connections[self.using]
+        outermost = not connection.in_atomic_block
+        self._committed = False
         self._atomic.__enter__()
+        self._open = True
         try:
-            self.record, self.created = claim(
-                self.consumer,
-                self.event_id,
-                fingerprint=self.fingerprint,
-                payload=self.payload,
-                using=self.using,
-            )
+            if outermost:
+                # Registered first, so it runs first after the commit: a later callback that
+                # raises is then known to have raised after a commit, not instead of one.
+                transaction.on_commit(self._mark_committed, using=self.using)
+            self._enter()
         except BaseException:
-            self._atomic.__exit__(*sys.exc_info())
+            self._close(*sys.exc_info())
             raise
+        return self
+
+    def _enter(self) -> None:
+        self.record, self.created = _claim(
+            self.consumer, self.event_id, self.fingerprint, self.payload, self.using
+        )
         if self.created:
+            if len(connections.settings) > 1:  # one database: nothing to guard, no cost
+                self._guard_other_databases()
             self._token = _active.set(self)
-            return self
+            return
         record = self.record
         self.result = record.result
         if self.fingerprint and record.fingerprint and self.fingerprint != record.fingerprint:
@@ -163,9 +273,12 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 },
             )
             if self.on_mismatch == "raise":
-                # Leave our transaction first so the mismatch note survives the exception.
-                self._atomic.__exit__(None, None, None)
-                self._note_mismatch(record)
+                # Leave our transaction first so the mismatch note survives the exception; the
+                # note has an atomic block of its own, so a failing note or receiver leaves a
+                # transaction of the caller's usable.
+                self._close(None, None, None)
+                with transaction.atomic(using=self.using):
+                    self._note_mismatch(record)
                 raise mismatch
             self._note_mismatch(record)
         if app_settings.RECORD_DUPLICATES:
@@ -184,7 +297,19 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         signals.duplicate_discarded.send(
             sender=ProcessedEvent, consumer=self.consumer, event_id=self.event_id, record=record
         )
-        return self
+
+    def _guard_other_databases(self) -> None:
+        guards = ExitStack()
+        try:
+            for alias in connections:
+                if alias != self.using and alias not in self.allow_writes_to:
+                    guards.enter_context(
+                        connections[alias].execute_wrapper(_WriteGuard(self, alias))
+                    )
+        except BaseException:
+            guards.close()
+            raise
+        self._guards = guards
 
     def _note_mismatch(self, record: ProcessedEvent) -> None:
         record.mismatch_fingerprint = self.fingerprint
@@ -217,9 +342,34 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
             if exc_type is None and self.created:
                 self._finish()
         except BaseException:
-            self._atomic.__exit__(*sys.exc_info())
+            self._close(*sys.exc_info())
             raise
-        self._atomic.__exit__(exc_type, exc, tb)
+        try:
+            self._close(exc_type, exc, tb)
+        except Exception as error:
+            # Django runs the on_commit callbacks inside atomic's __exit__ and lets the first
+            # failure escape: after our marker ran, the commit is behind us.
+            if exc_type is None and self._committed:
+                raise AfterCommitError(self.consumer, self.event_id) from error
+            raise
+
+    def _stored_result(self) -> Any:
+        value = self.result
+        if self.result_serializer is not None:
+            value = self.result_serializer(value)
+        if value is None:
+            return None
+        try:
+            # Encoded here, not in the UPDATE, so the error names the cause; NaN is refused as
+            # PostgreSQL's jsonb refuses it.
+            json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ResultNotSerializable(
+                f"the result of {self.consumer} for event {self.event_id!r} cannot be stored as "
+                f"JSON: {type(value).__name__} ({exc}). Return a dict of JSON values (or None), "
+                "pass result_serializer=..., or store_result=False."
+            ) from exc
+        return value
 
     def _finish(self) -> None:
         record = self.record
@@ -228,7 +378,9 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         if self._outcome != record.outcome:
             changes.update(outcome=self._outcome, reason=self._reason)
         if self.store_result and self.result is not None:
-            changes["result"] = self.result
+            value = self._stored_result()
+            if value is not None:
+                changes["result"] = value
         if changes:
             # One UPDATE, and only when there is something to keep: most handlers return None.
             for name, value in changes.items():

@@ -6,22 +6,38 @@ A key spec is one of:
 * a sequence of paths, a composite business key such as ``("orderId", "paymentId")``;
 * a callable taking the event and returning the key.
 
+A single key (a path or a callable's result) is stripped of surrounding white space, as it always
+was. The parts of a composite key are kept exactly as they are and joined with ``|``; a ``|`` or
+``\\`` inside a part is escaped with ``\\``, so two different tuples never give the same key.
+
 A composite key built from business data stops matching when that data legitimately changes
 (a corrected amount is then a "new" event): prefer a producer-assigned id where one exists.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from .exceptions import IdempotencyConfigurationError, InvalidEventId, MissingEventId
 
 KeySpec = str | Sequence[str] | Callable[[Any], Any]
 
-#: Separates the parts of a composite key; chosen because ids rarely contain it.
+#: Separates the parts of a composite key; a separator or escape inside a part is escaped.
 COMPOSITE_SEPARATOR = "|"
+COMPOSITE_ESCAPE = "\\"
 MAX_KEY_LENGTH = 255
+
+#: C0 control characters and DEL: PostgreSQL text refuses NUL, and none belongs in an id.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: An integer with more bits than this has more than MAX_KEY_LENGTH digits; refused before
+#: str() (which itself refuses past 4300 digits with a bare ValueError).
+_MAX_INT_BITS = math.ceil(MAX_KEY_LENGTH * math.log2(10))
 
 
 def _lookup(event: Any, path: str) -> Any:
@@ -33,29 +49,92 @@ def _lookup(event: Any, path: str) -> Any:
     return value
 
 
-def _as_key_part(value: Any, what: str) -> str:
+def _as_text(value: Any, what: str) -> str:
+    """*value* as the text of a key, or the reason it cannot be one."""
+    if isinstance(value, str):
+        return value
     if value is None:
         raise MissingEventId(f"{what} is null")
-    if isinstance(value, (dict, list, tuple, set, bool)):
+    if isinstance(value, bool):  # before int: True is an int, but never an id
         raise InvalidEventId(f"{what} must be a string or a number, not {value!r}")
-    text = str(value).strip()
-    if not text:
+    if isinstance(value, int):
+        if value.bit_length() > _MAX_INT_BITS:
+            raise InvalidEventId(f"{what} is a number longer than {MAX_KEY_LENGTH} digits")
+        return str(value)
+    if isinstance(value, (float, Decimal)):
+        if not math.isfinite(value):
+            raise InvalidEventId(f"{what} must be a finite number, not {value!r}")
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise InvalidEventId(
+        f"{what} must be a string, a number or a UUID, not {type(value).__name__} {value!r:.80}"
+    )
+
+
+def _checked(text: str, what: str) -> str:
+    if not text or text.isspace():
         raise MissingEventId(f"{what} is empty")
+    if len(text) > MAX_KEY_LENGTH:
+        raise InvalidEventId(f"{what} is {len(text)} characters long; at most {MAX_KEY_LENGTH}")
+    control = _CONTROL.search(text)
+    if control is not None:
+        raise InvalidEventId(
+            f"{what} contains the control character {control.group()!r} at {control.start()}"
+        )
     return text
 
 
-def extract_key(event: Any, spec: KeySpec) -> str:
-    """The idempotency key of *event* according to *spec*; raises :class:`MissingEventId`."""
-    if callable(spec):
-        key = _as_key_part(spec(event), "the key returned by the key function")
-    elif isinstance(spec, str):
-        key = _as_key_part(_lookup(event, spec), repr(spec))
-    elif isinstance(spec, Sequence) and spec and all(isinstance(p, str) for p in spec):
-        key = COMPOSITE_SEPARATOR.join(_as_key_part(_lookup(event, p), repr(p)) for p in spec)
-    else:
-        raise IdempotencyConfigurationError(
-            f"a key must be a field path, a sequence of field paths or a callable, not {spec!r}"
-        )
+def event_id_key(value: Any, what: str = "the event id") -> str:
+    """An event id passed directly (to ``idempotent`` or ``claim``), validated, never altered.
+
+    Strings are used exactly as given; integers, finite floats, decimals and UUIDs as their
+    ``str()``. Raises :class:`MissingEventId` for ``None``, ``""`` or white space only, and
+    :class:`InvalidEventId` for anything else no stored key can hold (a control character, more
+    than :data:`MAX_KEY_LENGTH` characters, a boolean, NaN, a container).
+    """
+    return _checked(_as_text(value, what), what)
+
+
+def _single(value: Any, what: str) -> str:
+    return _checked(_as_text(value, what).strip(), what)
+
+
+def _part(value: Any, what: str) -> str:
+    text = _checked(_as_text(value, what), what)
+    if COMPOSITE_ESCAPE in text:
+        text = text.replace(COMPOSITE_ESCAPE, COMPOSITE_ESCAPE * 2)
+    if COMPOSITE_SEPARATOR in text:
+        text = text.replace(COMPOSITE_SEPARATOR, COMPOSITE_ESCAPE + COMPOSITE_SEPARATOR)
+    return text
+
+
+def _joined(parts: list[str]) -> str:
+    key = COMPOSITE_SEPARATOR.join(parts)
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidEventId(f"the key is {len(key)} characters long; at most {MAX_KEY_LENGTH}")
     return key
+
+
+def composite_key(parts: Sequence[Any]) -> str:
+    """The key of a composite, as ``extract_key`` builds it from a sequence of paths: each part
+    escaped, joined with :data:`COMPOSITE_SEPARATOR` (for data migrations of stored keys).
+    """
+    return _joined([_part(value, f"part {i}") for i, value in enumerate(parts)])
+
+
+def extract_key(event: Any, spec: KeySpec) -> str:
+    """The idempotency key of *event* according to *spec*.
+
+    Raises :class:`MissingEventId` when the key is absent, and :class:`InvalidEventId` when it
+    cannot be used (see :func:`event_id_key`).
+    """
+    if callable(spec):
+        return _single(spec(event), "the key returned by the key function")
+    if isinstance(spec, str):
+        return _single(_lookup(event, spec), repr(spec))
+    if isinstance(spec, Sequence) and spec and all(isinstance(p, str) for p in spec):
+        return _joined([_part(_lookup(event, p), repr(p)) for p in spec])
+    raise IdempotencyConfigurationError(
+        f"a key must be a field path, a sequence of field paths or a callable, not {spec!r}"
+    )

@@ -15,6 +15,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from . import signals
+from .clock import database_now
 from .conf import app_settings
 
 
@@ -36,6 +37,11 @@ class ProcessedEventQuerySet(models.QuerySet["ProcessedEvent"]):
     def mismatched(self) -> ProcessedEventQuerySet:
         return self.exclude(mismatch_fingerprint="")
 
+    def _write_alias(self) -> str:
+        """The writable database, even for a queryset not yet marked for writing."""
+        chosen: str | None = self._db  # type: ignore[attr-defined]
+        return chosen or router.db_for_write(self.model) or DEFAULT_DB_ALIAS
+
     def purgeable(
         self,
         before: datetime | None = None,
@@ -44,7 +50,8 @@ class ProcessedEventQuerySet(models.QuerySet["ProcessedEvent"]):
         now: datetime | None = None,
     ) -> ProcessedEventQuerySet:
         """The records a purge with the same arguments deletes (see :meth:`purge_batches`)."""
-        condition = _retention_condition(retention_cutoffs(before, consumer=consumer, now=now))
+        cutoffs = retention_cutoffs(before, consumer=consumer, now=now, using=self._write_alias())
+        condition = _retention_condition(cutoffs)
         return self.none() if condition is None else self.filter(condition)
 
     def purge(
@@ -83,12 +90,11 @@ class ProcessedEventQuerySet(models.QuerySet["ProcessedEvent"]):
         size = app_settings.PURGE_BATCH_SIZE if batch_size is None else batch_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {size!r}")
-        cutoffs = retention_cutoffs(before, consumer=consumer, now=now)
+        using = self._write_alias()
+        cutoffs = retention_cutoffs(before, consumer=consumer, now=now, using=using)
         condition = _retention_condition(cutoffs)
         if condition is None:
             return
-        # The writable database, even for a queryset not yet marked for writing.
-        using = self._db or router.db_for_write(self.model) or DEFAULT_DB_ALIAS  # type: ignore[attr-defined]
         span = _sweep_span(self.model._base_manager.using(using), cutoffs.latest())
         if span is None:
             return
@@ -137,16 +143,28 @@ def retention_cutoffs(
     *,
     consumer: str | None = None,
     now: datetime | None = None,
+    using: str | None = None,
 ) -> RetentionCutoffs:
-    """The cutoffs of a purge: *before*, or ``now - retention``, per consumer."""
-    now = now or timezone.now()
+    """The cutoffs of a purge: *before*, or ``now - retention``, per consumer.
+
+    Without *now*, "now" is the clock of the database *using* (the inbox's write database by
+    default), the clock ``processed_at`` is taken from: a purging process whose own clock runs
+    ahead cannot delete records early. It is read only when a cutoff needs it.
+    """
+    clock: list[datetime] = [now] if now is not None else []
+
+    def current() -> datetime:
+        if not clock:
+            alias = using or router.db_for_write(ProcessedEvent) or DEFAULT_DB_ALIAS
+            clock.append(database_now(alias))
+        return clock[0]
 
     def cutoff(retention: timedelta | None) -> datetime | None:
-        return None if retention is None else now - retention
+        return None if retention is None else current() - retention
 
     if consumer is not None:
         retention = app_settings.retention_for(consumer)
-        only = None if retention is None else (before or now - retention)
+        only = None if retention is None else (before or current() - retention)
         return RetentionCutoffs(others=None, consumers={consumer: only})
     overrides: dict[str, timedelta | None] = app_settings.CONSUMER_RETENTION
     others = before or cutoff(app_settings.RETENTION)

@@ -18,20 +18,20 @@ but PostgreSQL plans it anew each time at about 0.4 ms, more than the round trip
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from django.db import connections, models
+from django.db import IntegrityError, OperationalError, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.utils import timezone
 
 from .models import Outcome, ProcessedEvent
 
 #: Columns written by the insert, in order; everything else takes the model's default.
+#: ``processed_at`` is left to the column's default, the database's clock (``db_default``).
 _INSERT_FIELDS = (
     "consumer",
     "event_id",
-    "processed_at",
     "outcome",
     "reason",
     "fingerprint",
@@ -80,7 +80,7 @@ def _sql(vendor: str) -> dict[str, str]:
         f"SELECT {every} FROM {table} "
         f"WHERE {_quoted('consumer')} = %s AND {_quoted('event_id')} = %s"
     )
-    returning = f"{insert} RETURNING {_quoted('id')}"
+    returning = f"{insert} RETURNING {_quoted('id')}, {_quoted('processed_at')}"
     return {"insert": returning, "select": select, "insert_select": f"{returning}; {select}"}
 
 
@@ -110,7 +110,6 @@ def _values(consumer: str, event_id: str, defaults: Mapping[str, Any]) -> dict[s
     return {
         "consumer": consumer,
         "event_id": event_id,
-        "processed_at": timezone.now(),
         "outcome": Outcome.PROCESSED.value,
         "reason": "",
         "fingerprint": "",
@@ -167,19 +166,41 @@ def insert_returning(
             # The conflicting row was purged between the two statements: claim afresh.
             return insert_returning(using, consumer, event_id, defaults)
         return existing, False
-    record = ProcessedEvent(pk=row[0], **values)
+    record = ProcessedEvent(pk=row[0], processed_at=_processed_at(using, row[1]), **values)
     record._state.adding = False
     record._state.db = using
     return record, True
+
+
+def _processed_at(using: str, value: Any) -> Any:
+    """A ``processed_at`` returned by the insert, converted as Django would read it."""
+    connection = connections[using]
+    col, converters = _converters(using, connection.vendor)[_attnames().index("processed_at")]
+    for converter in converters:
+        value = converter(value, col, connection)
+    return value
 
 
 def get_or_create(
     using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
 ) -> tuple[ProcessedEvent, bool]:
     """Any backend: ``get_or_create``, its insert inside a savepoint."""
-    return ProcessedEvent.objects.using(using).get_or_create(
-        consumer=consumer, event_id=event_id, defaults=dict(defaults)
-    )
+    try:
+        record, created = ProcessedEvent.objects.using(using).get_or_create(
+            consumer=consumer, event_id=event_id, defaults=dict(defaults)
+        )
+    except IntegrityError as exc:
+        # get_or_create re-raises when its second look still misses the row its insert
+        # conflicted with: one a concurrent claim committed, invisible to this transaction's
+        # snapshot (REPEATABLE READ, SERIALIZABLE). A serialization failure, and transient.
+        raise OperationalError(
+            f"could not serialize the claim of {consumer} event {event_id!r}: a concurrent "
+            "transaction claimed it; retry the transaction"
+        ) from exc
+    if created and not isinstance(record.processed_at, datetime):
+        # A backend that cannot return columns from an insert leaves the database default unread.
+        record.refresh_from_db(using=using, fields=["processed_at"])
+    return record, created
 
 
 #: Every claim statement, for the tests that run each one on each database.

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from django.db import connection, transaction
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from idempotency import signals
+from idempotency.decorators import run_once
 from idempotency.exceptions import (
     IdempotencyConfigurationError,
+    InvalidEvent,
+    InvalidEventId,
     PayloadMismatch,
     TransactionRequired,
 )
@@ -279,3 +284,35 @@ def test_duplicates_are_counted_only_when_asked() -> None:
     record = ProcessedEvent.objects.get()
     assert record.duplicate_count == 2
     assert record.last_duplicate_at is not None
+
+
+@pytest.mark.parametrize("event_id", ["e\x00-1", "e-1\n", "x" * 256, True, float("nan"), ""])
+def test_ids_no_key_can_hold_are_refused_before_the_claim(event_id: object) -> None:
+    with pytest.raises(InvalidEventId):
+        idempotent("billing", event_id)
+    with pytest.raises(InvalidEventId), transaction.atomic():
+        claim("billing", event_id)
+    assert not ProcessedEvent.objects.exists()
+
+
+def test_integer_and_uuid_ids_are_claimed_as_text() -> None:
+    with idempotent("billing", 10**30) as first:
+        assert first.event_id == "1" + "0" * 30
+    with idempotent("billing", uuid.UUID(int=5)):
+        pass
+    assert set(ProcessedEvent.objects.values_list("event_id", flat=True)) == {
+        "1" + "0" * 30,
+        "00000000-0000-0000-0000-000000000005",
+    }
+
+
+def test_a_deep_payload_is_an_invalid_event_before_any_transaction() -> None:
+    deep: object = 1
+    for _ in range(950):
+        deep = [deep]
+    with CaptureQueriesContext(connection) as queries, pytest.raises(InvalidEvent):
+        idempotent("billing", "e-1", payload={"eventId": "e-1", "body": deep})
+    assert len(queries) == 0
+    with pytest.raises(InvalidEvent):
+        run_once("billing", {"eventId": "e-1", "body": deep}, lambda: None)
+    assert not ProcessedEvent.objects.exists()
