@@ -225,7 +225,8 @@ def retry_horizon(app: Any, task: Any) -> Horizon:
     delay = float(retry_kwargs.get("countdown", attrs["default_retry_delay"]) or 0)
     total = max_retries * delay
     source = f"max_retries={max_retries} x default_retry_delay={_human(delay)}"
-    if attrs["autoretry_for"] and attrs["retry_backoff"]:
+    # @idempotent_task keeps its autoretry_for as retry_for (it retries them itself).
+    if (attrs["autoretry_for"] or getattr(task, "retry_for", None)) and attrs["retry_backoff"]:
         factor = int(max(1.0, float(attrs["retry_backoff"])))
         cap = attrs["retry_backoff_max"] if attrs["retry_backoff_max"] is not None else 600
         backoff = 0

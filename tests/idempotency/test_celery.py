@@ -307,3 +307,30 @@ def test_no_delivery_limit() -> None:
     with mock.patch("idempotency.celery.delivery_number", return_value=1000):
         assert fragile.apply(args=[{"eventId": "e-1"}]).get() == "done"
     assert not DeliveryAttempt.objects.exists()
+
+
+def test_the_retry_horizon_check_sees_the_autoretry_backoff() -> None:
+    from celery import current_app
+
+    from idempotency.checks import retry_horizon
+
+    @idempotent_task(
+        name="tests.horizon",
+        autoretry_for=(LookupError,),
+        retry_backoff_max=10,
+        default_retry_delay=1,
+    )
+    def horizon(event: dict[str, Any]) -> None:
+        pass
+
+    # 5 retries backing off 1, 2, 4, 8, then the 10 s cap (W001 compares it with retentions).
+    assert retry_horizon(current_app, horizon).delay == timedelta(seconds=25)
+
+
+def test_result_serializer_is_passed_to_the_claim() -> None:
+    @idempotent_task(name="tests.serialized", result_serializer=lambda value: {"kept": value})
+    def serialized(event: dict[str, Any]) -> str:
+        return "value"
+
+    serialized.apply(args=[{"eventId": "e-1"}])
+    assert ProcessedEvent.objects.get().result == {"kept": "value"}
