@@ -33,7 +33,8 @@ from idempotency.openapi import (
 )
 
 from . import tasks, views
-from .models import Order
+from .models import Order, Rejection
+from .permissions import SubmitEventsOrReadOnly
 from .serializers import MAX_ITEMS, OrderLineSerializer, OrderSerializer, id_field
 
 #: Fixed for good: changing it would give every existing key a new event id (and a new order).
@@ -167,7 +168,8 @@ class PlaceOrderMixin:
 # /api/orders/: GET lists the orders, POST places one. One view for both methods because a URL
 # pattern matches whatever the method; no docstring, so the list keeps its own description.
 class OrdersView(PlaceOrderMixin, views.OrderListView):
-    pass
+    # Anyone signed in lists orders; placing one needs orders.submit_event, like posting events.
+    permission_classes = [SubmitEventsOrReadOnly]
 
 
 class OrderRequestView(APIView):
@@ -197,11 +199,14 @@ class OrderRequestView(APIView):
         )
         if order is not None:
             return self._answer(request_id, order.status, order.reason, order)
+        rejection = Rejection.objects.filter(original_event_id=request_id).first()
+        if rejection is not None:
+            # Rejected before any order row existed (its order id was taken).
+            return self._answer(request_id, Order.Status.REJECTED, rejection.reason)
         record = ProcessedEvent.objects.filter(
             consumer=tasks.place_order.name, event_id=str(request_id)
         ).first()
         if record is not None and record.outcome == Outcome.REJECTED:
-            # Rejected before any order row existed (its order id was taken).
             return self._answer(request_id, Order.Status.REJECTED, record.reason)
         if record is None and self._requested_by_caller(request, request_id):
             response = self._answer(request_id, PENDING, "")

@@ -2,13 +2,15 @@
 
 With no environment variables it runs on embedded defaults that need no server: a SQLite file
 and kombu's filesystem broker, both under ``var/``. ``DATABASE_URL`` and ``CELERY_BROKER_URL``
-switch to PostgreSQL and RabbitMQ or Redis.
+switch to PostgreSQL and RabbitMQ or Redis. ``DJANGO_DEBUG=1`` turns debugging on (it is off
+by default). docs/deployment.md lists every variable.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,8 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
-DEBUG = _env_flag("DJANGO_DEBUG", True)
+# Off unless asked for: a debug page shows settings and tracebacks to whoever causes an error.
+DEBUG = _env_flag("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
 
 INSTALLED_APPS = [
@@ -57,6 +60,11 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the admin's, the API docs') from STATIC_ROOT, in every process, DEBUG or not.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    # 400 for a NUL in the URL, 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE, 503 with
+    # Retry-After when the database is unavailable: the same on every endpoint.
+    "project.middleware.RequestGuardMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -84,6 +92,15 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------------
+
+
+def _web_process() -> bool:
+    """Whether this process serves HTTP: project/wsgi.py says so, and so does runserver."""
+    if "DJANGO_WEB_PROCESS" in os.environ:
+        return _env_flag("DJANGO_WEB_PROCESS", False)
+    return sys.argv[1:2] == ["runserver"]
+
+
 DATABASES = {
     "default": dj_database_url.config(
         default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}",
@@ -91,6 +108,21 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+#: Threads per web worker process (gunicorn --threads); each may hold one pooled connection.
+WEB_THREADS = int(os.environ.get("WEB_THREADS", "4"))
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and _web_process():
+    # A persistent connection per request thread has no upper bound (runserver starts a thread
+    # per request): the web process takes its connections from one bounded pool instead, and
+    # a request that finds it exhausted waits DJANGO_DB_POOL_TIMEOUT seconds, then gets 503.
+    # Celery workers keep CONN_MAX_AGE: one connection per worker process, reused across tasks.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": int(os.environ.get("DJANGO_DB_POOL_MIN_SIZE", "1")),
+        "max_size": int(os.environ.get("DJANGO_DB_POOL_MAX_SIZE", str(WEB_THREADS))),
+        "timeout": float(os.environ.get("DJANGO_DB_POOL_TIMEOUT", "5")),
+        # Idle connections beyond min_size are closed after a minute.
+        "max_idle": 60,
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The web server and the worker write to the same file: take the write lock at BEGIN and
     # wait for it, instead of failing with "database is locked" half-way through a transaction.
@@ -112,7 +144,9 @@ USE_TZ = True
 # The events API answers 413 past 1 MiB; Django refuses to buffer more than that either.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
 STATIC_URL = "static/"
+# Filled by `manage.py collectstatic` (scripts/run.sh runs it), served by WhiteNoise.
 STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 
 # --- REST framework -------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -120,7 +154,15 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Reading needs a login; every write (any method but GET, HEAD, OPTIONS) also needs the
+    # orders.submit_event permission, unless a view says otherwise.
+    "DEFAULT_PERMISSION_CLASSES": ["orders.permissions.SubmitEventsOrReadOnly"],
+    # REST framework's JSON parser with a bound on nesting; forms for the browsable API.
+    "DEFAULT_PARSER_CLASSES": [
+        "orders.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,

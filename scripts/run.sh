@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # `make run`: migrate, seed the demo data, then serve the API and admin with a Celery worker.
-# Ctrl-C stops both.
+# Ctrl-C stops everything. docs/deployment.md describes each process and variable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
+# gunicorn: WEB_WORKERS processes of WEB_THREADS threads. On PostgreSQL each process holds at
+# most WEB_THREADS pooled connections (project/settings.py), so the web tier never holds more
+# than WEB_WORKERS x WEB_THREADS, whatever the load.
+export WEB_WORKERS=${WEB_WORKERS:-2}
+export WEB_THREADS=${WEB_THREADS:-4}
 
 $BIN/python manage.py migrate --noinput
 $BIN/python manage.py seed_demo
+$BIN/python manage.py collectstatic --noinput --verbosity 0
 
 # -B: the worker also runs Celery beat (the daily purge, from the admin's periodic tasks).
 worker_args=(--loglevel=INFO --concurrency="${WORKER_CONCURRENCY:-2}" -B)
@@ -21,11 +27,12 @@ worker=$!
 # Publishes what the web process stored in the outbox but could not publish itself.
 $BIN/python manage.py relay_outbox --forever --interval 2 &
 relay=$!
+web=
 
 stop() {
   trap - EXIT INT TERM
-  kill -TERM "$worker" "$relay" 2>/dev/null || true
-  wait "$worker" "$relay" 2>/dev/null || true
+  kill -TERM "$worker" "$relay" $web 2>/dev/null || true
+  wait "$worker" "$relay" $web 2>/dev/null || true
 }
 trap stop EXIT INT TERM
 
@@ -34,4 +41,14 @@ echo "API:   http://$HOST:$PORT/api/   (schema: /api/schema/, docs: /api/docs/)"
 echo "Admin: http://$HOST:$PORT/admin/  (user 'admin', password printed above on first run)"
 echo "Stop:  Ctrl-C"
 echo
-$BIN/python manage.py runserver "$HOST:$PORT"
+if [[ "${DATABASE_URL:-}" == postgres* ]]; then
+  # A production WSGI server with a bounded number of threads (and so of connections).
+  $BIN/gunicorn project.wsgi:application --bind "$HOST:$PORT" \
+    --workers "$WEB_WORKERS" --threads "$WEB_THREADS" --worker-class gthread \
+    --timeout 30 --graceful-timeout 30 --access-logfile - &
+  web=$!
+  wait "$web"
+else
+  # The embedded SQLite default: one file, one writer; the development server is enough.
+  $BIN/python manage.py runserver "$HOST:$PORT"
+fi

@@ -8,7 +8,7 @@ from typing import Any
 from django.urls import path
 from rest_framework import status
 from rest_framework.exceptions import ValidationError
-from rest_framework.permissions import AllowAny
+from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -55,12 +55,17 @@ def widget(request: Request) -> Response:
 
 
 class WidgetsView(APIView):
+    # Any signed-in user: these views test keys, not the example's write permission.
+    permission_classes = [IsAuthenticated]
+
     @idempotent_request(required=True)
     def post(self, request: Request) -> Response:
         return widget(request)
 
 
 class WidgetView(APIView):
+    permission_classes = [IsAuthenticated]
+
     @idempotent_request
     def patch(self, request: Request, pk: int) -> Response:
         return widget(request)
@@ -74,6 +79,19 @@ class AnonymousWidgetsView(APIView):
         return widget(request)
 
 
+def long_owner(request: Request) -> str:
+    """An owner function whose owners are longer than the 150-character column."""
+    return "tenant:" + "t" * 300 + f":user:{request.user.pk}"
+
+
+class LongOwnerWidgetsView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @idempotent_request(required=True, owner=long_owner)
+    def post(self, request: Request) -> Response:
+        return widget(request)
+
+
 def reset() -> None:
     hooks["inside"] = None
     calls.clear()
@@ -83,4 +101,5 @@ urlpatterns: list[Any] = [
     path("widgets/", WidgetsView.as_view()),
     path("widgets/<int:pk>/", WidgetView.as_view()),
     path("anonymous-widgets/", AnonymousWidgetsView.as_view()),
+    path("long-owner-widgets/", LongOwnerWidgetsView.as_view()),
 ]

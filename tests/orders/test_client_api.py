@@ -11,6 +11,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.urls import resolve
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -56,6 +57,13 @@ def client_for(user: Any) -> APIClient:
     token, _ = Token.objects.get_or_create(user=user)
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     return client
+
+
+def producer(username: str) -> Any:
+    """A user who may place orders (orders.submit_event), like seed_demo's producer."""
+    user = UserFactory(username=username)
+    user.user_permissions.add(Permission.objects.get(codename="submit_event"))
+    return user
 
 
 def expected_request_id(user: Any, key: str) -> uuid.UUID:
@@ -182,7 +190,7 @@ def test_another_users_key_places_another_order_and_hides_the_pending_one(
     worker: mock.Mock,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
-    other = client_for(UserFactory(username="other"))
+    other = client_for(producer("other"))
     with django_capture_on_commit_callbacks(execute=False):
         mine = place(api_client)
     # Until the order exists, only its requester learns that it is pending.
