@@ -24,21 +24,24 @@ How a request in flight is recognised without waiting for it:
    live request owns the key: 409, without waiting. Its process dying ends its transaction and
    the lock with it.
 3. A retry that gets the lock but finds the row still "in progress" found the marker of a
-   request that died, or of one about to take the lock: it answers 409 until the lease ends,
-   then takes the key over.
+   request that ended without releasing it (it died, or lost its database), or of one about to
+   take the lock. On a database with row locks, a marker older than the few statements between
+   its commit and its lock (``CLAIM_WINDOW``) has no live owner: the retry takes it over at
+   once. A younger one answers 409 with ``Retry-After: 1``.
 
 SQLite has no row locks but a single writer: with ``transaction_mode="IMMEDIATE"`` a retry
 waits for the first request's transaction, then replays its response; otherwise the lease
-answers it. A 5xx response or an exception rolls the view's writes back and releases the key,
-so the client can retry.
+(``HTTP_LEASE``) answers it, and only then is the key taken over. A 5xx response or an
+exception rolls the view's writes back and releases the key, so the client can retry; the
+release is retried for about two seconds when the database is what failed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,6 +58,7 @@ from django.db import (
     router,
     transaction,
 )
+from django.db.models.functions import Now
 from django.http import HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
@@ -97,7 +101,16 @@ SAFE_REPLAY_HEADERS = (
 
 #: How often a request starts over when the key row vanished under it (released or purged).
 _MAX_ATTEMPTS = 3
-_ENDPOINT_LENGTH = 255
+
+#: Far longer than the few statements between a marker's commit and its owner's row lock. An
+#: unlocked marker this old has no live owner; taking over a younger one would be safe too (its
+#: owner then fails to lock it and answers 409), only less polite.
+CLAIM_WINDOW = timedelta(seconds=2)
+
+#: Pauses before each attempt to release a key after a failure, about two seconds in all: long
+#: enough to outlast a connection reset or a fail-over blip, short enough for a request thread.
+_RELEASE_PAUSES = (0.0, 0.25, 0.5, 1.0)
+_RELEASE_BUDGET = 2.0
 
 V = TypeVar("V", bound=APIView)
 Handler = Callable[..., HttpResponseBase]
@@ -149,15 +162,24 @@ def default_owner(request: Request) -> str:
 
 
 def endpoint_of(request: Request) -> str:
-    """The method and the URL route (the pattern, so ``/orders/1/`` and ``/orders/2/`` share)."""
+    """The method and the URL route (the pattern, so ``/orders/1/`` and ``/orders/2/`` share).
+
+    Past 255 characters the tail is replaced by the SHA-256 of the whole: still unique.
+    """
     match = getattr(request, "resolver_match", None)
     route = getattr(match, "route", None) or request.path_info
-    endpoint = f"{request.method} {route}"
-    if len(endpoint) > _ENDPOINT_LENGTH:
-        # Still unique: the tail is replaced by the hash of the whole.
-        digest = hashlib.sha256(endpoint.encode()).hexdigest()
-        endpoint = f"{endpoint[: _ENDPOINT_LENGTH - 65]}#{digest}"
-    return endpoint
+    return IdempotencyKey.stored_endpoint(f"{request.method} {route}")
+
+
+def owner_of(request: Request, owner: Callable[[Request], str]) -> str:
+    """What *owner* returns for *request*, as stored: past 150 characters, hashed like an
+    endpoint (stable, so every retry finds its key, and unique)."""
+    value = owner(request)
+    if not isinstance(value, str):
+        raise IdempotencyConfigurationError(
+            f"the owner function {owner!r} must return a string, not {value!r}"
+        )
+    return IdempotencyKey.stored_owner(value)
 
 
 def _canonical(value: Any) -> Any:
@@ -293,6 +315,7 @@ def _lock(record: IdempotencyKey, using: str) -> IdempotencyKey | None:
         return (
             IdempotencyKey.objects.using(using)
             .select_for_update(nowait=True)
+            .annotate(database_now=Now())  # the marker's age on the clock that stamped it
             .filter(pk=record.pk)
             .first()
         )
@@ -308,14 +331,35 @@ def _seconds_left(record: IdempotencyKey) -> int:
     return max(0, math.ceil(left))
 
 
+def _age(row: IdempotencyKey) -> timedelta:
+    """How long ago the marker was committed, by the database's clock when it was locked."""
+    now = getattr(row, "database_now", None) or timezone.now()
+    return max(timedelta(0), now - row.created_at)
+
+
+def _locks_prove_liveness(using: str) -> bool:
+    """Whether a live request holds its key's row lock, so an unlocked marker has no owner.
+
+    True where ``FOR UPDATE NOWAIT`` locks rows (PostgreSQL, MySQL, MariaDB, Oracle); SQLite
+    ignores ``FOR UPDATE``, so there only the lease tells a dead request from a live one.
+    """
+    return bool(connections[using].features.has_select_for_update_nowait)
+
+
 def _unheld_retry_after(record: IdempotencyKey, left: int) -> int:
     """When to retry against a marker no transaction holds: about its age, within its lease.
 
     A young marker is most likely a request about to take its lock (answer soon); an old one
     was left by a request that died (no point retrying before the lease ends).
     """
-    age = (timezone.now() - record.created_at).total_seconds()
-    return min(left, max(1, math.ceil(age)))
+    return min(left, max(1, math.ceil(_age(record).total_seconds())))
+
+
+def _takeable(row: IdempotencyKey, using: str) -> bool:
+    """Whether an "in progress" marker this request holds the lock of has no live owner."""
+    if not _seconds_left(row):
+        return True  # the lease ended: on any database
+    return _locks_prove_liveness(using) and _age(row) >= CLAIM_WINDOW
 
 
 def _check_reuse(record: IdempotencyKey, fingerprint: str) -> None:
@@ -324,23 +368,39 @@ def _check_reuse(record: IdempotencyKey, fingerprint: str) -> None:
 
 
 def _release(record: IdempotencyKey, using: str) -> None:
-    """Forget an unfinished key, so the client's retry runs the request again."""
-    try:
-        with transaction.atomic(using=using):
-            row = _lock(record, using)
-            if row is not None and row.state == KeyState.IN_PROGRESS:
-                row.delete()
-    except IdempotencyKeyInUse:
-        pass  # a retry took the key over; it completes or releases it itself
-    except Error:
-        # Best effort, after a failure that is more important to report: the marker then
-        # answers 409 until its lease ends (the connection may be what failed).
-        logger.warning(
-            "could not release idempotency key %r; it is in progress until %s",
-            record.key,
-            record.locked_until,
-            exc_info=True,
-        )
+    """Forget an unfinished key, so the client's retry runs the request again.
+
+    The failure being cleaned up after is often the database itself (a reset connection, a
+    fail-over), so the release is retried on a fresh connection for about two seconds. If it
+    still cannot be written, the marker stays: on a database with row locks the next retry takes
+    it over at once (nobody holds its lock); elsewhere it answers 409 until its lease ends.
+    """
+    connection = connections[using]
+    deadline = time.monotonic() + _RELEASE_BUDGET
+    failure: Error | None = None
+    for pause in _RELEASE_PAUSES:
+        time.sleep(pause)
+        try:
+            with transaction.atomic(using=using):
+                row = _lock(record, using)
+                if row is not None and row.state == KeyState.IN_PROGRESS:
+                    row.delete()
+            return
+        except IdempotencyKeyInUse:
+            return  # a retry took the key over; it completes or releases it itself
+        except Error as exc:
+            failure = exc
+            # Inside a transaction of the caller's (ATOMIC_REQUESTS) nothing more can be done;
+            # otherwise the next attempt starts on a new connection.
+            if connection.in_atomic_block or time.monotonic() >= deadline:
+                break
+            connection.close()
+    # Best effort, after a failure that is more important to report.
+    logger.warning(
+        "could not release idempotency key %r; a retry takes it over once nobody holds it",
+        record.key,
+        exc_info=failure,
+    )
 
 
 def _complete(
@@ -412,20 +472,27 @@ def _run(
     using: str,
 ) -> HttpResponseBase | None:
     """Run the view under the key's row lock; ``None`` when the record vanished (start over)."""
-    owned = stored = False
+    # A request that created the marker answers for it from the start: if the database fails
+    # before the lock is taken, the marker must still be released.
+    owned, stored = created, False
     try:
         with transaction.atomic(using=using):
-            row = _lock(record, using)
+            try:
+                row = _lock(record, using)
+            except IdempotencyKeyInUse:
+                owned = False  # a retry took the marker over before this request locked it
+                raise
             if row is None:
+                owned = False
                 return None
             _check_reuse(row, fingerprint)
             if row.state == KeyState.COMPLETED:
+                owned = False
                 return replay(row)
             if not created:
-                left = _seconds_left(row)
-                if left:
+                if not _takeable(row, using):
                     # A marker nobody holds: a request about to lock it, or a dead one's.
-                    raise IdempotencyKeyInUse(row.key, _unheld_retry_after(row, left))
+                    raise IdempotencyKeyInUse(row.key, _unheld_retry_after(row, _seconds_left(row)))
                 row.locked_until = timezone.now() + _lease()
                 row.save(using=using, update_fields=["locked_until"])
             owned = True
@@ -458,7 +525,7 @@ def _respond(
                 f"this endpoint requires an {HEADER} header (a unique value per request)"
             )
         return handler(view, request, *args, **kwargs)
-    scope = KeyScope(options.owner(request), endpoint_of(request), key)
+    scope = KeyScope(owner_of(request, options.owner), endpoint_of(request), key)
     request.idempotency_scope = scope  # type: ignore[attr-defined]
     fingerprint = request_fingerprint(request)
     using = options.using or router.db_for_write(IdempotencyKey) or DEFAULT_DB_ALIAS

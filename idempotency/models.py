@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import operator
 import uuid
 from collections.abc import Iterator
@@ -304,9 +305,27 @@ class KeyState(models.TextChoices):
     COMPLETED = "completed", _("completed")
 
 
+#: The lengths of the owner and endpoint columns of an IdempotencyKey.
+OWNER_LENGTH = 150
+ENDPOINT_LENGTH = 255
+
+
+def fit_column(value: str, max_length: int) -> str:
+    """*value*, or if it is longer than *max_length*, its head and the SHA-256 of the whole.
+
+    Stable (the same value always gives the same result) and still unique: two long values
+    that share their head differ in the hash.
+    """
+    if len(value) <= max_length:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    return f"{value[: max_length - len(digest) - 1]}#{digest}"
+
+
 class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
     def for_owner(self, owner: str) -> IdempotencyKeyQuerySet:
-        return self.filter(owner=owner)
+        """The keys of *owner*, as the owner function returned it (a long one is hashed)."""
+        return self.filter(owner=IdempotencyKey.stored_owner(owner))
 
     def expired(self, before: datetime) -> IdempotencyKeyQuerySet:
         return self.filter(created_at__lt=before)
@@ -347,10 +366,10 @@ class IdempotencyKey(models.Model):
     """
 
     owner = models.CharField(
-        _("owner"), max_length=150, help_text=_("Whom the key belongs to (the user's pk).")
+        _("owner"), max_length=OWNER_LENGTH, help_text=_("Whom the key belongs to (the user's pk).")
     )
     endpoint = models.CharField(
-        _("endpoint"), max_length=255, help_text=_("The HTTP method and URL route.")
+        _("endpoint"), max_length=ENDPOINT_LENGTH, help_text=_("The HTTP method and URL route.")
     )
     key = models.CharField(_("idempotency key"), max_length=255)
     fingerprint = models.CharField(
@@ -391,6 +410,16 @@ class IdempotencyKey(models.Model):
     @property
     def completed(self) -> bool:
         return self.state == KeyState.COMPLETED
+
+    @classmethod
+    def stored_owner(cls, owner: str) -> str:
+        """How *owner* is stored: as it is, or hashed past the column's 150 characters."""
+        return fit_column(owner, OWNER_LENGTH)
+
+    @classmethod
+    def stored_endpoint(cls, endpoint: str) -> str:
+        """How *endpoint* is stored: as it is, or hashed past the column's 255 characters."""
+        return fit_column(endpoint, ENDPOINT_LENGTH)
 
 
 class DeadLetterQuerySet(models.QuerySet["DeadLetter"]):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
+from unittest import mock
 
 import pytest
 from django.contrib.admin.models import DELETION, LogEntry
@@ -26,6 +28,7 @@ from idempotency.models import IdempotencyKey, KeyState
 from orders.models import Customer
 from tests.factories import UserFactory
 from tests.idempotency import http_urls
+from tests.outage import Outage, outage_control
 from tests.services import in_thread, require_postgres, wait_for
 
 pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.idempotency.http_urls")]
@@ -230,7 +233,20 @@ def test_a_request_in_flight_is_a_409_with_retry_after(api_client: APIClient, us
     assert not http_urls.calls
 
 
-def test_an_old_markers_retry_after_is_its_age_within_the_lease(
+@pytest.fixture
+def without_row_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on SQLite, whichever the database: only the lease tells a dead request's marker."""
+    monkeypatch.setattr(http, "_locks_prove_liveness", lambda using: False)
+
+
+@pytest.fixture
+def with_row_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on PostgreSQL, whichever the database: a live request holds its marker's lock."""
+    monkeypatch.setattr(http, "_locks_prove_liveness", lambda using: True)
+
+
+@pytest.mark.usefixtures("without_row_locks")
+def test_without_row_locks_an_old_markers_retry_after_is_its_age_within_the_lease(
     api_client: APIClient, user: Any
 ) -> None:
     now = timezone.now()
@@ -242,6 +258,26 @@ def test_an_old_markers_retry_after_is_its_age_within_the_lease(
     record.save()
     response = post(api_client, {"name": "ann"})
     assert 29 <= int(response["Retry-After"]) <= 30
+
+
+@pytest.mark.usefixtures("with_row_locks")
+def test_with_row_locks_an_unheld_marker_past_the_claim_window_is_taken_over_at_once(
+    api_client: APIClient, user: Any
+) -> None:
+    # Younger than the claim window: most likely its request is about to take its lock.
+    record = marker(f"user:{user.pk}")
+    response = post(api_client, {"name": "ann"})
+    problem(response, 409)
+    assert response["Retry-After"] == "1"
+    # Older, unlocked and in progress: its request ended without releasing it. The lease (still
+    # 60 s to go) does not have to run out first.
+    record.created_at = timezone.now() - http.CLAIM_WINDOW - timedelta(seconds=1)
+    record.save()
+    taken = post(api_client, {"name": "ann"})
+    assert taken.status_code == 201
+    assert http_urls.calls == ["POST /widgets/"]
+    assert IdempotencyKey.objects.get().state == KeyState.COMPLETED
+    assert post(api_client, {"name": "ann"})["Idempotent-Replayed"] == "true"
 
 
 def test_a_request_in_flight_with_another_body_is_a_422(api_client: APIClient, user: Any) -> None:
@@ -537,7 +573,7 @@ def test_a_concurrent_retry_gets_a_409_at_once_and_later_the_replay(user: Any) -
 
 @pytest.mark.services
 @pytest.mark.django_db(transaction=True)
-def test_a_request_that_died_blocks_its_key_only_until_the_lease_ends(
+def test_a_request_that_died_is_taken_over_without_waiting_for_its_lease(
     user: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_postgres()
@@ -555,7 +591,8 @@ def test_a_request_that_died_blocks_its_key_only_until_the_lease_ends(
     # A dead process runs no clean-up: nothing releases its key.
     monkeypatch.setattr(http, "_release", lambda record, using: None)
     errors: list[BaseException] = []
-    first = in_thread(lambda: post(token_client(user), {"name": "ann"}), errors)
+    responses: list[Any] = []
+    first = in_thread(lambda: responses.append(post(token_client(user), {"name": "ann"})), errors)
     assert entered.wait(TIMEOUT), f"the first request never reached the view: {errors}"
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", backend)
@@ -563,22 +600,159 @@ def test_a_request_that_died_blocks_its_key_only_until_the_lease_ends(
     release.set()
     first.join(TIMEOUT)
     assert not first.is_alive()
-    assert [type(e) for e in errors] == [OperationalError], errors  # it lost its connection
+    assert not errors, errors
+    # It lost its connection: a 503 the client may retry, not a 500.
+    problem(responses[0], 503)
+    assert responses[0]["Retry-After"].isdigit()
     monkeypatch.undo()
     http_urls.hooks["inside"] = None
 
     # Its transaction and row lock died with it; its committed marker did not.
     assert IdempotencyKey.objects.get().state == KeyState.IN_PROGRESS
     assert not Customer.objects.exists()
-    # Half a minute later (the marker's age tells a dead request from one about to start):
-    IdempotencyKey.objects.update(created_at=timezone.now() - timedelta(seconds=30))
-    blocked = post(token_client(user), {"name": "ann"})
-    problem(blocked, 409)
-    assert 29 <= int(blocked["Retry-After"]) <= 31
-
-    IdempotencyKey.objects.update(locked_until=timezone.now() - timedelta(seconds=1))
+    # A few seconds later nobody holds the marker's lock: the retry takes the key over, though
+    # the lease has most of a minute to go.
+    IdempotencyKey.objects.update(created_at=timezone.now() - timedelta(seconds=5))
+    assert IdempotencyKey.objects.get().locked_until > timezone.now() + timedelta(seconds=30)
     retried = post(token_client(user), {"name": "ann"})
     assert retried.status_code == 201
     assert "Idempotent-Replayed" not in retried
     assert Customer.objects.count() == 1
     assert IdempotencyKey.objects.get().state == KeyState.COMPLETED
+
+
+# --- A database outage between the marker's commit and the view's transaction ---------------
+
+
+def outage_before_the_lock(
+    monkeypatch: pytest.MonkeyPatch, outage: Outage, seconds: float
+) -> list[float]:
+    """The database goes away for *seconds* just after the first marker's commit.
+
+    Returns the monotonic times at which it went away (one entry, once it has).
+    """
+    lock = http._lock
+    started: list[float] = []
+
+    def lock_after_an_outage(record: IdempotencyKey, using: str) -> IdempotencyKey | None:
+        if not started:
+            started.append(time.monotonic())
+            outage.begin(seconds)
+        return lock(record, using)
+
+    monkeypatch.setattr(http, "_lock", lock_after_an_outage)
+    return started
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_after_an_outage_longer_than_the_release_a_retry_takes_the_key_over_at_once(
+    user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_postgres()
+    with outage_control() as outage:
+        started = outage_before_the_lock(monkeypatch, outage, seconds=3)
+        first = post(token_client(user), {"name": "ann"})
+        # The request could not even lock its marker: a 503 the client may retry, not a 500.
+        body = problem(first, 503)
+        assert body["type"].endswith(":service-unavailable")
+        assert int(first["Retry-After"]) >= 1
+        wait_for(lambda: not outage.active, TIMEOUT, "the outage to end")
+    monkeypatch.undo()
+    # The release was retried for about two seconds, within the outage: the marker is left.
+    record = IdempotencyKey.objects.get()
+    assert record.state == KeyState.IN_PROGRESS
+    assert record.locked_until > timezone.now() + timedelta(seconds=30)  # most of the lease left
+
+    retried = post(token_client(user), {"name": "ann"})
+    assert time.monotonic() - started[0] < 10  # not the 60 s lease
+    assert retried.status_code == 201, retried.content
+    assert "Idempotent-Replayed" not in retried
+    assert post(token_client(user), {"name": "ann"})["Idempotent-Replayed"] == "true"
+    assert Customer.objects.count() == 1
+    assert http_urls.calls == ["POST /widgets/"]
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_after_a_blip_the_release_is_retried_and_the_key_is_free(
+    user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_postgres()
+    with outage_control() as outage:
+        outage_before_the_lock(monkeypatch, outage, seconds=0.5)
+        first = post(token_client(user), {"name": "ann"})
+        problem(first, 503)
+    monkeypatch.undo()
+    # A later attempt of the release, on a new connection, deleted the marker.
+    assert not IdempotencyKey.objects.exists()
+    retried = post(token_client(user), {"name": "ann"})
+    assert retried.status_code == 201
+    assert Customer.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)  # outside a transaction, as a request runs
+def test_a_release_that_cannot_be_written_is_retried_then_given_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = marker("user:x")
+    attempts: list[float] = []
+
+    def unavailable(record: IdempotencyKey, using: str) -> None:
+        attempts.append(time.monotonic())
+        raise OperationalError("the database went away")
+
+    monkeypatch.setattr(http, "_lock", unavailable)
+    http._release(record, "default")
+    assert len(attempts) == len(http._RELEASE_PAUSES)
+    assert attempts[-1] - attempts[0] <= http._RELEASE_BUDGET + 0.5
+    assert "could not release idempotency key" in caplog.text
+    assert IdempotencyKey.objects.filter(pk=record.pk).exists()
+
+
+@pytest.mark.usefixtures("atomic_requests")
+def test_inside_a_transaction_of_the_callers_a_failed_release_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts: list[float] = []
+
+    def unavailable(record: IdempotencyKey, using: str) -> None:
+        attempts.append(time.monotonic())
+        raise OperationalError("the database went away")
+
+    monkeypatch.setattr(http, "_lock", unavailable)
+    http._release(marker("user:x"), "default")  # the test's transaction is the caller's
+    assert len(attempts) == 1
+
+
+# --- Owners ----------------------------------------------------------------------------------
+
+
+def test_an_owner_over_150_characters_is_stored_hashed_and_found_again(
+    api_client: APIClient, user: Any
+) -> None:
+    first = post(api_client, {"name": "ann"}, path="/long-owner-widgets/")
+    assert first.status_code == 201
+    retry = post(api_client, {"name": "ann"}, path="/long-owner-widgets/")
+    assert retry["Idempotent-Replayed"] == "true"
+    assert http_urls.calls == ["POST /long-owner-widgets/"]
+    owner = http_urls.long_owner(mock.Mock(user=user))
+    assert len(owner) > 300
+    record = IdempotencyKey.objects.get()
+    assert len(record.owner) == 150
+    assert record.owner == IdempotencyKey.stored_owner(owner)
+    assert record.owner.startswith("tenant:ttt")
+    assert IdempotencyKey.objects.for_owner(owner).get() == record
+    # Stable and unique: another long owner with the same head is another owner.
+    other = owner.replace(f":user:{user.pk}", ":user:other")
+    assert IdempotencyKey.stored_owner(other) != record.owner
+    assert len(IdempotencyKey.stored_owner(other)) == 150
+    assert IdempotencyKey.stored_owner("user:1") == "user:1"
+
+
+def test_an_owner_function_that_returns_no_string_is_a_configuration_error(
+    api_client: APIClient,
+) -> None:
+    request = mock.Mock()
+    with pytest.raises(IdempotencyConfigurationError):
+        http.owner_of(request, lambda request: 42)
