@@ -9,7 +9,7 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.translation import gettext_lazy as _
 
-from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product
+from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product, Rejection
 
 
 def processed_events_link(event_id: Any) -> str:
@@ -113,3 +113,20 @@ class LedgerEntryAdmin(admin.ModelAdmin):
     @admin.display(description=_("processed events"))
     def processed_events(self, obj: LedgerEntry) -> str:
         return processed_events_link(obj.original_event_id)
+
+
+@admin.register(Rejection)
+class RejectionAdmin(admin.ModelAdmin):
+    """Final rejections: an audit record that keeps a redelivery from being applied later."""
+
+    list_display = ("original_event_id", "consumer", "reason", "created_at")
+    list_filter = ("consumer", "created_at")
+    search_fields = ("=original_event_id", "reason")
+    date_hierarchy = "created_at"
+    readonly_fields = ("original_event_id", "consumer", "reason", "result", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -141,3 +141,24 @@ class LedgerEntry(EventKeyedModel):
 
     def __str__(self) -> str:
         return f"{self.customer_id} {self.amount}"
+
+
+class Rejection(EventKeyedModel):
+    """The final rejection of an event, kept as long as the business rows are.
+
+    The inbox row that records a rejection is purged after its retention; this one is not, so a
+    redelivery after the purge is rejected again, with the same reason, instead of being applied
+    to whatever the data has become since (a debit after a top-up, a shipment after a payment).
+    Each event type of the example has one consumer, so the event id alone is the key.
+    """
+
+    consumer = models.CharField(_("consumer"), max_length=200)
+    reason = models.TextField(_("reason"))
+    result = models.JSONField(_("result"), default=dict, blank=True)
+    created_at = models.DateTimeField(_("created at"), auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.consumer}: {self.original_event_id}"

@@ -1,4 +1,10 @@
-"""The business logic of each event. Each function runs inside the claim's transaction."""
+"""The business logic of each event. Each function runs inside the claim's transaction.
+
+Every final outcome leaves a row keyed by the event's id that outlives the inbox record: an
+order, a payment, a ledger entry, or, for a rejection, a :class:`~orders.models.Rejection`.
+A redelivery after the inbox was purged finds it and ends the same way, never applied to data
+that has changed since.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from idempotency.entities import create_once
-from idempotency.inbox import reject
+from idempotency.inbox import current_claim, reject
 
-from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product
+from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product, Rejection
 
 logger = logging.getLogger("orders")
 
@@ -54,7 +60,9 @@ def place_order(event: dict[str, Any]) -> dict[str, Any]:
         )
     except IntegrityError:
         # Another event already created this orderId: the producer reused it under a new id.
-        return _rejected(f"order {event['orderId']} already exists", orderId=event["orderId"])
+        return _rejected(
+            event, f"order {event['orderId']} already exists", orderId=event["orderId"]
+        )
     if not created:
         # The entity key caught a redelivery the inbox no longer remembers (it was purged).
         return order_summary(order)
@@ -63,13 +71,13 @@ def place_order(event: dict[str, Any]) -> dict[str, Any]:
     products = Product.objects.in_bulk(list(wanted), field_name="product_id")
     missing = sorted(set(wanted) - set(products))
     if customer is None:
-        return _reject_order(order, f"unknown customer {event['customerId']}")
+        return _reject_order(event, order, f"unknown customer {event['customerId']}")
     if missing:
-        return _reject_order(order, f"unknown product(s): {', '.join(missing)}")
+        return _reject_order(event, order, f"unknown product(s): {', '.join(missing)}")
     try:
         _take_stock(products, wanted)
     except InsufficientStock as exc:
-        return _reject_order(order, str(exc))
+        return _reject_order(event, order, str(exc))
 
     OrderItem.objects.bulk_create(
         OrderItem(order=order, product=products[pid], quantity=qty, unit_price=products[pid].price)
@@ -96,18 +104,39 @@ def _take_stock(products: dict[str, Product], wanted: Counter[str]) -> None:
                 raise InsufficientStock(pid)
 
 
-def _reject_order(order: Order, reason: str) -> dict[str, Any]:
+def _reject_order(event: dict[str, Any], order: Order, reason: str) -> dict[str, Any]:
     order.status = Order.Status.REJECTED
     order.reason = reason
     order.save(update_fields=["status", "reason"])
-    return _rejected(reason, orderId=order.order_id)
+    return _rejected(event, reason, orderId=order.order_id)
 
 
-def _rejected(reason: str, **result: Any) -> dict[str, Any]:
-    """Record a final negative outcome on the inbox and return it as the task's result."""
+def _rejected(event: dict[str, Any], reason: str, **ids: Any) -> dict[str, Any]:
+    """Record a final negative outcome, on the inbox and in a Rejection that outlives it."""
+    result = {**ids, "status": "rejected", "reason": reason}
+    claim = current_claim()
+    create_once(
+        Rejection,
+        event["eventId"],
+        defaults={
+            "consumer": claim.consumer if claim is not None else "",
+            "reason": reason,
+            "result": result,
+        },
+    )
     reject(reason)
     logger.info("rejected: %s", reason)
-    return {**result, "status": "rejected", "reason": reason}
+    return result
+
+
+def _rejected_before(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of this event's earlier rejection, rejected again; ``None`` if it has none."""
+    earlier = Rejection.objects.filter(original_event_id=event["eventId"]).first()
+    if earlier is None:
+        return None
+    # Redelivered after its inbox record was purged: the outcome was final.
+    reject(earlier.reason)
+    return dict(earlier.result) or {"status": "rejected", "reason": earlier.reason}
 
 
 def _locked_order(order_id: str) -> Order:
@@ -121,13 +150,17 @@ def _locked_order(order_id: str) -> Order:
 
 def payment_received(event: dict[str, Any]) -> dict[str, Any]:
     """Record the payment and add it to the order's paid amount; paid once fully covered."""
+    if (earlier := _rejected_before(event)) is not None:
+        return earlier
     order = _locked_order(event["orderId"])
     amount = Decimal(event["amount"])
     ids = {"orderId": order.order_id, "paymentId": event["paymentId"]}
     if order.status == Order.Status.REJECTED:
-        return _rejected(f"order {order.order_id} was rejected: {order.reason}", **ids)
+        return _rejected(event, f"order {order.order_id} was rejected: {order.reason}", **ids)
     if event["currency"] != Order.CURRENCY:
-        return _rejected(f"currency {event['currency']} is not the order's {Order.CURRENCY}", **ids)
+        return _rejected(
+            event, f"currency {event['currency']} is not the order's {Order.CURRENCY}", **ids
+        )
     payment, created = Payment.objects.get_or_create(
         order=order,
         payment_id=event["paymentId"],
@@ -143,6 +176,7 @@ def payment_received(event: dict[str, Any]) -> dict[str, Any]:
     if not created:
         # The business key caught what the inbox could not: the same payment under a new id.
         return _rejected(
+            event,
             f"payment {payment.payment_id} was already applied by event "
             f"{payment.original_event_id}",
             **ids,
@@ -167,14 +201,19 @@ def debit_account(event: dict[str, Any]) -> dict[str, Any]:
             "status": "debited",
             "balance": str(applied.balance_after),
         }
+    if (earlier := _rejected_before(event)) is not None:
+        # Refused before, refused again: even if the balance would cover it now.
+        return earlier
     debited = Customer.objects.filter(customer_id=customer_id, balance__gte=amount).update(
         balance=F("balance") - amount
     )
     if not debited:
         if not Customer.objects.filter(customer_id=customer_id).exists():
-            return _rejected(f"unknown customer {customer_id}", customerId=customer_id)
+            return _rejected(event, f"unknown customer {customer_id}", customerId=customer_id)
         return _rejected(
-            f"insufficient balance to debit {amount} from {customer_id}", customerId=customer_id
+            event,
+            f"insufficient balance to debit {amount} from {customer_id}",
+            customerId=customer_id,
         )
     customer = Customer.objects.get(customer_id=customer_id)
     LedgerEntry.objects.create(
@@ -189,6 +228,8 @@ def debit_account(event: dict[str, Any]) -> dict[str, Any]:
 
 def ship_order(event: dict[str, Any]) -> dict[str, Any]:
     """Set the tracking number of a paid order: naturally idempotent, recorded all the same."""
+    if (earlier := _rejected_before(event)) is not None:
+        return earlier  # an unpaid order's shipment stays refused once the order is paid
     order = _locked_order(event["orderId"])
     ids = {"orderId": order.order_id}
     if order.status not in (Order.Status.PAID, Order.Status.SHIPPED):
@@ -197,7 +238,7 @@ def ship_order(event: dict[str, Any]) -> dict[str, Any]:
             if order.status == Order.Status.REJECTED
             else (f"it is not paid ({order.paid_amount} of {order.total})")
         )
-        return _rejected(f"order {order.order_id} cannot ship: {why}", **ids)
+        return _rejected(event, f"order {order.order_id} cannot ship: {why}", **ids)
     order.status = Order.Status.SHIPPED
     order.tracking_number = event["trackingNumber"]
     order.shipped_at = order.shipped_at or timezone.now()
