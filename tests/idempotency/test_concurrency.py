@@ -12,10 +12,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections
+from django.test import override_settings
 
 from idempotency import inbox, statements
 from idempotency.inbox import idempotent
 from idempotency.models import ProcessedEvent
+from idempotency.transient import is_transient
 from tests.services import in_thread, lock_waiters, require_postgres, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -95,3 +98,116 @@ def test_the_second_claimant_processes_when_the_first_rolls_back(
     outcome = race(False)
     assert outcome == {"first_ran": 1, "second_ran": 1, "second_duplicate": False}
     assert ProcessedEvent.objects.count() == 1
+
+
+# --- REPEATABLE READ and SERIALIZABLE --------------------------------------------------------
+
+
+@pytest.fixture(params=["REPEATABLE_READ", "SERIALIZABLE"])
+def isolation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every new connection to the test database at a stricter isolation level."""
+    require_postgres()
+    from psycopg import IsolationLevel
+
+    options = connections.settings[DEFAULT_DB_ALIAS].setdefault("OPTIONS", {})
+    previous = options.get("isolation_level", _UNSET)
+    options["isolation_level"] = IsolationLevel[request.param]
+    connection.close()
+    yield str(request.param)
+    if previous is _UNSET:
+        del options["isolation_level"]
+    else:
+        options["isolation_level"] = previous
+    connection.close()
+
+
+_UNSET = object()
+
+
+def serialization_failure(error: BaseException) -> bool:
+    return isinstance(error, OperationalError) and is_transient(error)
+
+
+def wait_out(first: threading.Thread, release: threading.Event) -> None:
+    wait_for(lambda: lock_waiters() >= 1, TIMEOUT, "the second claim to block on the lock")
+    release.set()
+    first.join(TIMEOUT)
+    assert not first.is_alive(), "the first claimant hung"
+
+
+def test_concurrent_first_deliveries_at_strict_isolation(statement: str, isolation: str) -> None:
+    claimed, release = threading.Event(), threading.Event()
+    outcome: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        with idempotent("race", "e-1") as claim:
+            assert not claim.duplicate
+            with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+                cursor.execute("SHOW transaction_isolation")
+                outcome["isolation"] = cursor.fetchone()[0]
+            claimed.set()
+            assert release.wait(TIMEOUT), "never released"
+
+    def second() -> None:
+        try:
+            with idempotent("race", "e-1") as claim:
+                outcome["second"] = "duplicate" if claim.duplicate else "ran"
+        except OperationalError as exc:
+            outcome["second"] = exc
+        # The connection is usable: a retry, as the task layer makes, sees the duplicate.
+        assert not connections[DEFAULT_DB_ALIAS].in_atomic_block
+        with idempotent("race", "e-1") as retry:
+            outcome["retry_duplicate"] = retry.duplicate
+
+    one = in_thread(first, errors)
+    assert claimed.wait(TIMEOUT), f"the first claim did not happen: {errors}"
+    two = in_thread(second, errors)
+    wait_out(one, release)
+    two.join(TIMEOUT)
+    assert not two.is_alive(), "the second claimant hung"
+    assert not errors, errors
+    # The second's snapshot predates the first's commit, so it cannot see the row it conflicts
+    # with: a serialization failure (a plain duplicate would be fine too, were it visible).
+    assert serialization_failure(outcome["second"]), outcome
+    assert outcome["retry_duplicate"] is True
+    assert outcome["isolation"] == isolation.lower().replace("_", " ")
+    assert ProcessedEvent.objects.count() == 1
+
+
+def test_concurrent_counted_duplicates_at_strict_isolation(statement: str, isolation: str) -> None:
+    with override_settings(IDEMPOTENCY={"RECORD_DUPLICATES": True}):
+        with idempotent("race", "e-1"):
+            pass
+        counted, release = threading.Event(), threading.Event()
+        outcome: dict[str, Any] = {}
+        errors: list[BaseException] = []
+
+        def first() -> None:
+            with idempotent("race", "e-1") as claim:
+                assert claim.duplicate
+                counted.set()  # its UPDATE holds the row until this transaction ends
+                assert release.wait(TIMEOUT), "never released"
+
+        def second() -> None:
+            try:
+                with idempotent("race", "e-1") as claim:
+                    outcome["second"] = "duplicate" if claim.duplicate else "ran"
+            except OperationalError as exc:
+                outcome["second"] = exc
+            assert not connections[DEFAULT_DB_ALIAS].in_atomic_block
+            with idempotent("race", "e-1") as retry:
+                outcome["retry_duplicate"] = retry.duplicate
+
+        one = in_thread(first, errors)
+        assert counted.wait(TIMEOUT), f"the first duplicate was not counted: {errors}"
+        two = in_thread(second, errors)
+        wait_out(one, release)
+        two.join(TIMEOUT)
+        assert not two.is_alive(), "the second claimant hung"
+    assert not errors, errors
+    # The second's UPDATE met a row changed after its snapshot: a serialization failure.
+    assert serialization_failure(outcome["second"]), outcome
+    assert outcome["retry_duplicate"] is True
+    record = ProcessedEvent.objects.get()
+    assert record.duplicate_count == 2  # the first, and the retry of the second
