@@ -1,4 +1,7 @@
-"""System checks, namespaced ``idempotency.E00x`` / ``idempotency.W00x``. Ids are never reused."""
+"""System checks, namespaced ``idempotency.E00x`` / ``idempotency.W00x``. Ids are never reused.
+
+In use: E001-E009, W001-W005.
+"""
 
 from __future__ import annotations
 
@@ -86,6 +89,84 @@ def check_inbox_routing(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                     "its handlers write.",
                     obj=model,
                     id="idempotency.E005",
+                )
+            )
+    return messages
+
+
+#: The app's tables that hold records guarding other writes, each with what it guards.
+_GUARD_TABLES = {
+    "ProcessedEvent": "the inbox",
+    "IdempotencyKey": "the HTTP idempotency keys",
+    "OutboxMessage": "the outbox",
+}
+
+
+@register("idempotency", "database")
+def check_guard_tables_together(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The inbox, the keys and the outbox must sit with the data they guard, so together.
+
+    A handler that claims an event and enqueues a message, or a view that completes its key and
+    writes its order, commits both in one transaction only on one database.
+    """
+    from django.apps import apps
+    from django.db import router
+
+    guards = {
+        name: router.db_for_write(apps.get_model("idempotency", name)) for name in _GUARD_TABLES
+    }
+    inbox_db = guards["ProcessedEvent"]
+    messages: list[CheckMessage] = []
+    apart = {name: alias for name, alias in guards.items() if alias != inbox_db}
+    if apart:
+        where = ", ".join(
+            f"{_GUARD_TABLES[name]} ({name}) to {alias!r}" for name, alias in apart.items()
+        )
+        messages.append(
+            Error(
+                f"the inbox (ProcessedEvent) is written to database {inbox_db!r} but {where}: "
+                "a claim, a key or an outbox message and the business change it guards "
+                "cannot commit in one transaction.",
+                hint="Route every model of the idempotency app to the database of the data it "
+                "guards (see docs/databases.md).",
+                id="idempotency.E009",
+            )
+        )
+    messages.extend(_apps_apart_from(inbox_db))
+    return messages
+
+
+def _apps_apart_from(inbox_db: str | None) -> list[CheckMessage]:
+    """One warning per installed project app whose models are written to another database."""
+    from django.apps import apps
+    from django.db import router
+
+    from .entities import event_keyed_models
+
+    keyed = set(event_keyed_models())  # reported as E005
+    messages: list[CheckMessage] = []
+    for config in apps.get_app_configs():
+        if config.name.startswith("django.contrib.") or config.label == "idempotency":
+            continue
+        apart = sorted(
+            {
+                str(router.db_for_write(model))
+                for model in config.get_models()
+                if model not in keyed and router.db_for_write(model) != inbox_db
+            }
+        )
+        if apart:
+            messages.append(
+                Warning(
+                    f"models of the app {config.label!r} are written to {', '.join(apart)} "
+                    f"but the inbox (ProcessedEvent) to {inbox_db!r}: a handler that writes "
+                    "them cannot commit its effect and its claim together, so a delivery that "
+                    "fails after the write and is redelivered applies it twice.",
+                    hint="The inbox must sit with the data it guards: route the app with the "
+                    "idempotency app, or claim with using= the handler's database (see "
+                    "docs/databases.md). Silence this check if no handler writes these models.",
+                    obj=config.label,
+                    id="idempotency.W005",
                 )
             )
     return messages

@@ -16,12 +16,14 @@ from idempotency import checks, metrics
 from idempotency.celery import idempotent_task
 from idempotency.checks import (
     check_celery_tasks,
+    check_guard_tables_together,
     check_inbox_routing,
     check_lifecycle_settings,
     check_retention_outlasts_redelivery,
     check_settings,
     check_unique_constraint,
 )
+from idempotency.entities import event_keyed_models
 from idempotency.models import ProcessedEvent
 
 
@@ -85,12 +87,49 @@ def test_an_inbox_routed_away_from_the_entities_is_e005() -> None:
     with override_settings(DATABASE_ROUTERS=[SplitRouter()]):
         messages = check_inbox_routing()
     assert set(ids(messages)) == {"idempotency.E005"}
-    assert {m.obj._meta.label for m in messages} == {
-        "orders.Order",
-        "orders.Payment",
-        "orders.LedgerEntry",
-    }
+    flagged = {m.obj._meta.label for m in messages}
+    assert flagged == {model._meta.label for model in event_keyed_models()}
+    assert {"orders.Order", "orders.Payment", "orders.LedgerEntry"} <= flagged
     assert check_inbox_routing() == []
+
+
+def test_an_inbox_routed_away_from_the_project_apps_is_w005() -> None:
+    # 17.2: the idempotency app on a second database, the debit on the first; E005 only knows
+    # the models with an EventIdField, W005 names every project app left behind.
+    with override_settings(DATABASE_ROUTERS=[SplitRouter()]):
+        messages = check_guard_tables_together()
+    assert set(ids(messages)) == {"idempotency.W005"}
+    apps_apart = {m.obj for m in messages}
+    assert "orders" in apps_apart
+    assert not {label for label in apps_apart if label in ("auth", "admin", "contenttypes")}
+    orders = next(m for m in messages if m.obj == "orders")
+    assert "'inbox'" in orders.msg
+    assert "docs/databases.md" in (orders.hint or "")
+    assert check_guard_tables_together() == []
+
+
+class OutboxApartRouter:
+    def db_for_write(self, model: type, **hints: Any) -> str | None:
+        return "outbox" if model._meta.model_name == "outboxmessage" else None
+
+
+def test_the_outbox_apart_from_the_inbox_is_e009() -> None:
+    with override_settings(DATABASE_ROUTERS=[OutboxApartRouter()]):
+        messages = check_guard_tables_together()
+    assert ids(messages) == ["idempotency.E009"]
+    assert "OutboxMessage" in messages[0].msg
+    assert "'outbox'" in messages[0].msg
+
+
+def test_manage_py_check_reports_a_split_inbox() -> None:
+    out = io.StringIO()
+    with (
+        override_settings(DATABASE_ROUTERS=[SplitRouter()]),
+        pytest.raises(SystemCheckError) as info,
+    ):
+        call_command("check", stdout=out, stderr=out)
+    assert "idempotency.E005" in str(info.value)
+    assert "idempotency.W005" in str(info.value)
 
 
 def test_an_idempotent_task_without_acks_late_is_w003() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
@@ -316,3 +316,11 @@ def test_a_deep_payload_is_an_invalid_event_before_any_transaction() -> None:
     with pytest.raises(InvalidEvent):
         run_once("billing", {"eventId": "e-1", "body": deep}, lambda: None)
     assert not ProcessedEvent.objects.exists()
+
+
+def test_one_database_installs_no_write_guard() -> None:
+    # The guard against writes to another database costs a single-database project nothing.
+    assert len(connections.settings) == 1
+    with idempotent("billing", "e-1") as c:
+        assert not c.duplicate
+        assert connection.execute_wrappers == []
