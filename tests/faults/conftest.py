@@ -64,7 +64,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     path = Path(target)
     if not path.is_absolute():
         path = ROOT / path
-    report.write(path, os.environ.get("FAULTS_COMMAND", "pytest -m faults"))
+    report.write(
+        path,
+        os.environ.get("FAULTS_COMMAND", "pytest -m faults"),
+        os.environ.get("FAULTS_REPORT_SECTION", "faults"),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from django.db import connection
 
@@ -178,6 +180,75 @@ def postgres_version() -> str:
     return str(row[0]).split()[0] if row else "?"
 
 
+class DatabaseOutage:
+    """The test database made unreachable, then reachable again, from a connection of its own.
+
+    :meth:`begin` runs ``ALTER DATABASE <test db> ALLOW_CONNECTIONS false`` and terminates every
+    backend of the test database but those in *keep* (the test's own connection, by default):
+    whoever connects then is refused, whoever was connected has lost the connection, as when the
+    server goes away. :meth:`end` allows connections again; it is safe to call twice, and
+    ``Scenario.close`` calls it, so a failed scenario never leaves the database closed.
+    """
+
+    def __init__(self, keep: Iterable[int] | None = None) -> None:
+        s = connection.settings_dict
+        self.name = str(s["NAME"])
+        self.params = {
+            "host": s.get("HOST") or "127.0.0.1",
+            "port": int(s.get("PORT") or 5432),
+            "user": s.get("USER") or "postgres",
+            "password": s.get("PASSWORD") or None,
+            # The maintenance database: its connection survives the test database's outage.
+            "dbname": "postgres",
+            "autocommit": True,
+        }
+        self.keep = set(keep) if keep is not None else {own_backend_pid()}
+        self.active = False
+        self.terminated = 0
+
+    def _execute(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(**self.params) as conn:  # type: ignore[arg-type]
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def backends(self) -> list[int]:
+        """Backends of the test database other than the kept ones."""
+        rows = self._execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            [self.name],
+        )
+        return [int(pid) for (pid,) in rows if int(pid) not in self.keep]
+
+    def terminate(self) -> int:
+        """Terminate every backend of the test database but the kept ones; how many."""
+        rows = self._execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+            [self.name, sorted(self.keep)],
+        )
+        count = sum(1 for (ok,) in rows if ok)
+        self.terminated += count
+        return count
+
+    def begin(self) -> int:
+        self.active = True
+        self._execute(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false')
+        return self.terminate()
+
+    def end(self) -> None:
+        if self.active:
+            self._execute(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
+            self.active = False
+
+
+def own_backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        row = cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 # --- The test process as a producer ---------------------------------------------------------
 
 
@@ -213,6 +284,77 @@ def producing_to(url: str, connect_timeout: float = 1) -> Iterator[None]:
         current_app.conf.update(saved)
 
 
+@dataclass
+class Process:
+    """A service process of a scenario (the outbox relay, the web server), logged to a file."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    name: str
+    #: Set once the test stopped it: its exit is expected.
+    ended: bool = False
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.ended = True
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=10)
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def web_command(port: int) -> list[str]:
+    """The web server as scripts/run.sh starts it on PostgreSQL (gunicorn, gthread workers).
+
+    ``WEB_WORKERS`` x ``WEB_THREADS`` (2 x 4 by default, as there) also bound its pooled
+    database connections (project/settings.py).
+    """
+    return [
+        str(Path(sys.executable).parent / "gunicorn"),
+        "project.wsgi:application",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        os.environ.get("WEB_WORKERS", "2"),
+        "--threads",
+        os.environ.get("WEB_THREADS", "4"),
+        "--worker-class",
+        "gthread",
+        "--timeout",
+        "30",
+        "--graceful-timeout",
+        "30",
+        "--access-logfile",
+        "-",
+    ]
+
+
+#: The settings module of a process that needs a variant (tests/faults/settings.py).
+FAULTS_SETTINGS = {"DJANGO_SETTINGS_MODULE": "tests.faults.settings"}
+
+
 # --- The scenario ----------------------------------------------------------------------------
 
 
@@ -235,6 +377,10 @@ class Scenario:
         self.started = time.monotonic()
         self._stack = ExitStack()
         self._count = 0
+        self.processes: list[Process] = []
+        self.outages: list[DatabaseOutage] = []
+        #: Figures a scenario measured, shown under the report's table.
+        self.notes: list[str] = []
 
     # Workers
 
@@ -275,11 +421,19 @@ class Scenario:
         self._stack = ExitStack()
 
     def check_workers(self) -> None:
+        """Fail at once if a worker, the relay or the web server exited on its own."""
         for worker in self.workers:
             if not worker.ended and not worker.alive():
                 pytest.fail(
                     f"worker {worker.name} exited on its own ({worker.process.returncode}):\n"
                     f"{worker.tail()}",
+                    pytrace=False,
+                )
+        for process in self.processes:
+            if not process.ended and not process.alive():
+                pytest.fail(
+                    f"{process.name} exited on its own ({process.process.returncode}):\n"
+                    f"{process.tail()}",
                     pytrace=False,
                 )
 
@@ -291,14 +445,21 @@ class Scenario:
     def send(self, task: str, event: dict[str, Any], *, task_id: str | None = None) -> str:
         return self.send_all([(task, event, task_id)])[0]
 
-    def send_all(self, messages: Iterable[tuple[str, dict[str, Any], str | None]]) -> list[str]:
-        """Publish each (task name, event, task id or None), recording it in the ledger."""
+    def send_all(
+        self, messages: Iterable[tuple[str, dict[str, Any], str | None]], **options: Any
+    ) -> list[str]:
+        """Publish each (task name, event, task id or None), recording it in the ledger.
+
+        *options* go to ``apply_async`` (``time_limit=2``, for one).
+        """
         ids = []
         queue = work_queue(self.queue)
         with self.broker.connection() as conn:
             for task, event, task_id in messages:
                 task_id = task_id or str(uuid.uuid4())
-                TASKS[task].apply_async(args=[event], queue=queue, connection=conn, task_id=task_id)
+                TASKS[task].apply_async(
+                    args=[event], queue=queue, connection=conn, task_id=task_id, **options
+                )
                 self.ledger.record(task, event, task_id)
                 ids.append(task_id)
         return ids
@@ -343,24 +504,86 @@ class Scenario:
             ids.append(str(message.task_id))
         return ids
 
-    def manage(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run ``manage.py`` with the scenario's database, broker and queue, as an operator."""
-        env = {
+    def process_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of a process of the scenario: its database, broker and queue."""
+        return {
             **os.environ,
             "DATABASE_URL": database_url(),
             "CELERY_BROKER_URL": self.broker.url,
             "CELERY_QUEUE": self.queue,
             "CELERY_SKIP_CHECKS": "1",
+            "FAULTS_DIR": str(self.faults),
+            **(extra or {}),
         }
+
+    def manage(
+        self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``manage.py`` with the scenario's database, broker and queue, as an operator."""
         return subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=ROOT,
-            env=env,
+            env=self.process_env(env),
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
         )
+
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Process:
+        """Start a long-running process of the scenario; :meth:`close` stops it."""
+        log = self.directory / f"{name}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                command, cwd=ROOT, env=self.process_env(env), stdout=out, stderr=subprocess.STDOUT
+            )
+        process = Process(popen, log, name)
+        self.processes.append(process)
+        return process
+
+    def relay(self, env: dict[str, str] | None = None, interval: float = 0.5) -> Process:
+        """``manage.py relay_outbox --forever``, as scripts/run.sh runs it next to the service."""
+        relay = self.spawn(
+            f"relay-{len(self.processes)}",
+            [
+                sys.executable,
+                "manage.py",
+                "relay_outbox",
+                "--forever",
+                "--interval",
+                str(interval),
+            ],
+            env,
+        )
+        self.wait(
+            lambda: not relay.alive() or b"relaying the outbox" in relay.log.read_bytes(),
+            60,
+            "the outbox relay to start",
+        )
+        assert relay.alive(), f"the relay exited:\n{relay.tail()}"
+        return relay
+
+    def web(self, env: dict[str, str] | None = None) -> str:
+        """The production web server on the test database; its base URL once it answers."""
+        port = free_tcp_port()
+        server = self.spawn(f"web-{len(self.processes)}", web_command(port), env)
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            assert server.alive(), f"the web server exited:\n{server.tail()}"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        self.wait(answers, 60, f"the web server to listen on {url}")
+        return url
+
+    def database_outage(self, keep: Iterable[int] | None = None) -> DatabaseOutage:
+        outage = DatabaseOutage(keep)
+        self.outages.append(outage)
+        return outage
 
     # Faults
 
@@ -391,6 +614,12 @@ class Scenario:
     def fix(self, event_id: str) -> None:
         (self.faults / "fail" / event_id).unlink()
 
+    def mark(self, kind: str, event_id: str) -> None:
+        """``raise-on-duplicate`` or ``slow`` for *event_id*, on every delivery (see hooks)."""
+        assert kind in ("raise-on-duplicate", "slow"), kind
+        (self.faults / kind).mkdir(exist_ok=True)
+        (self.faults / kind / event_id).write_text(kind)
+
     # Observation
 
     def journal(self) -> list[tuple[str, str, str, int, str]]:
@@ -416,6 +645,7 @@ class Scenario:
             state = f"unavailable ({exc})"
         kinds = Counter(k for k, *_ in self.journal())
         logs = "\n".join(f"--- worker {w.name} ---\n{w.tail()}" for w in self.workers[-4:])
+        logs += "".join(f"\n--- {p.name} ---\n{p.tail()}" for p in self.processes[-3:])
         return (
             f"\nqueue {self.queue}: {state}\ninbox records: {ProcessedEvent.objects.count()} "
             f"of {len(self.ledger.expected_effects())} expected\njournal: {dict(kinds)}\n{logs}"
@@ -477,6 +707,12 @@ class Scenario:
         )
         problems.extend(result.problems)
         journal = self.journal()
+        unsafe = [entry for entry in journal if entry[0] == "unsafe"]
+        if unsafe:
+            problems.append(
+                f"{len(unsafe)} claims were not their connection's one transaction, "
+                f"e.g. {unsafe[:3]}"
+            )
         self.report.rows.append(
             Row(
                 number=self.number,
@@ -488,16 +724,23 @@ class Scenario:
                 discarded=sum(1 for k, *_ in journal if k in ("discarded", "kept")),
                 effects=result.effects,
                 dead_letters=result.dead_letters,
+                failed_outbox=result.failed_outbox,
                 lost=result.lost,
                 doubled=result.doubled,
                 seconds=time.monotonic() - self.started,
+                notes=list(self.notes),
             )
         )
         assert not problems, "\n".join(problems) + self.diagnostics()
         return result
 
     def close(self) -> None:
-        """Stop what is still running, make sure the broker is up, delete the scenario's queues."""
+        """Stop what is still running, make sure the database and the broker are up, delete the
+        scenario's queues."""
+        for outage in self.outages:
+            outage.end()
         self.stop_workers()
+        for process in self.processes:
+            process.stop()
         self.broker.ensure_running()
         self.broker.delete_queues(self.queue)

@@ -16,10 +16,19 @@ test and the worker's processes share:
     While it exists, the handler raises :class:`InjectedFailure` for that event on every
     delivery: an error ``idempotent_task`` does not retry, so the task fails for good and becomes
     a dead letter. Deleting the file is the "fix" before a re-drive.
+``raise-on-duplicate/<event id>``
+    While it exists, a ``duplicate_discarded`` receiver raises :class:`InjectedFailure` for each
+    duplicate of that event (a project's receiver with a bug in it), journalled ``raised``.
+``slow/<event id>``
+    While it exists, the handler of that event sleeps ``FAULTS_SLOW_SECONDS`` (60) on every
+    delivery, journalled ``slow``, swallowing the soft time limit (``soft-limit``): past a
+    small hard time limit, each delivery is killed.
 ``journal.log``
     One line per observation, appended by every process: ``received``, ``finished``,
     ``applied``, ``discarded`` (by the inbox), ``kept`` (by the entity key after an inbox
-    record was purged), ``killed``, ``paused``, ``failed`` (an injected failure).
+    record was purged), ``killed``, ``paused``, ``failed`` (an injected failure), ``raised``
+    (a raising receiver), ``slow``, ``unsafe`` (a claim that was not its connection's one
+    transaction when it was processed: ``Scenario.verify`` fails on any).
 
 The points, in the order a first delivery reaches them:
 
@@ -44,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import signals as celery_signals
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import connections, transaction
 from django.dispatch import receiver
 
@@ -56,6 +66,8 @@ ACTIONS = ("pause", "kill")
 
 #: The longest a paused delivery waits for its release before it fails (and the test with it).
 PAUSE_LIMIT = float(os.environ.get("FAULTS_PAUSE_LIMIT", "180"))
+#: How long a ``slow/<event id>`` handler sleeps: far past any time limit a scenario sets.
+SLOW_SECONDS = float(os.environ.get("FAULTS_SLOW_SECONDS", "60"))
 
 
 class FaultPauseExpired(RuntimeError):
@@ -171,6 +183,13 @@ def _finished(sender: Any = None, args: Any = None, state: str = "", **kwargs: A
 @receiver(signals.event_processed, weak=False)
 def _processed(consumer: str, event_id: str, record: Any, **kwargs: Any) -> None:
     using = record._state.db or "default"
+    # A worker's claim is its connection's only transaction: one atomic block, not in
+    # autocommit. Anything else (a block an earlier task left open, a connection that lost its
+    # transaction) would commit this effect apart from its claim, or never.
+    conn = connections[using]
+    depth = len(conn.atomic_blocks)
+    if depth != 1 or conn.get_autocommit():
+        journal("unsafe", consumer, event_id, f"atomic-depth={depth}")
     fire(event_id, "before-commit", consumer, using)
     outcome = str(record.outcome)
 
@@ -188,6 +207,20 @@ def _discarded(consumer: str, event_id: str, record: Any, **kwargs: Any) -> None
     transaction.on_commit(lambda: journal("discarded", consumer, event_id), using=using)
 
 
+def _marked(kind: str, event_id: str) -> bool:
+    base = faults_dir()
+    return base is not None and bool(event_id) and (base / kind / event_id).exists()
+
+
+# Connected after _discarded: Django calls receivers in order, so the journal's on_commit is
+# registered first and a rollback caused by this one takes it away.
+@receiver(signals.duplicate_discarded, weak=False)
+def _raise_on_duplicate(consumer: str, event_id: str, **kwargs: Any) -> None:
+    if _marked("raise-on-duplicate", event_id):
+        journal("raised", consumer, event_id)
+        raise InjectedFailure(f"a duplicate_discarded receiver failed for {consumer} {event_id}")
+
+
 # --- Patches of the example's business logic -------------------------------------------------
 
 
@@ -200,12 +233,30 @@ def fail_if_marked(event_id: str, consumer: str) -> None:
     raise InjectedFailure(f"injected failure of {consumer} for event {event_id}")
 
 
+def sleep_if_marked(event_id: str, consumer: str) -> None:
+    """Sleep :data:`SLOW_SECONDS` while ``slow/<event id>`` exists: a handler that hangs.
+
+    It swallows the soft time limit, as code stuck in a blocking call or behind a broad
+    ``except`` does, so only the hard time limit ends it.
+    """
+    if not _marked("slow", event_id):
+        return
+    journal("slow", consumer, event_id)
+    deadline = time.monotonic() + SLOW_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        except SoftTimeLimitExceeded:
+            journal("soft-limit", consumer, event_id)
+
+
 def _at_handler(consumer: str, function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)
     def wrapper(event: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         event_id = str(event.get("eventId", ""))
         fire(event_id, "handler", consumer)
         fail_if_marked(event_id, consumer)
+        sleep_if_marked(event_id, consumer)
         return function(event, *args, **kwargs)
 
     return wrapper

@@ -18,7 +18,7 @@ from typing import Any
 
 from django.apps import apps
 
-from idempotency.models import Outcome, ProcessedEvent
+from idempotency.models import OutboxMessage, Outcome, ProcessedEvent
 from orders.models import Customer, LedgerEntry, Order, Payment, Product
 from tests.factories import (
     debit_account_event,
@@ -127,6 +127,11 @@ class Ledger:
     #: letter (an undecodable message is acknowledged, not dead-lettered by the broker; a
     #: re-driven one stays there).
     broker_dead: int | None = None
+    #: Dead letters expected on top of the effects, per (task name, event id): a duplicate whose
+    #: delivery failed after the first delivery had applied the event.
+    extra_dead: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Task ids of the outbox messages expected to end failed (refused by every publish).
+    failed_outbox: set[str] = field(default_factory=set)
 
     def record(self, task: str, event: dict[str, Any], task_id: str) -> None:
         self.sent.append(Sent(task, event, task_id))
@@ -144,8 +149,13 @@ class Ledger:
         """A dead letter re-driven after a fix: its effect is expected after all."""
         self.expected_dead.discard((consumer, event_id))
 
+    def expect_extra_dead_letters(self, task: str, event_id: str, count: int) -> None:
+        self.extra_dead[(task, event_id)] += count
+
     def expected_broker_dead(self) -> int:
-        return len(self.expected_dead) if self.broker_dead is None else self.broker_dead
+        if self.broker_dead is not None:
+            return self.broker_dead
+        return len(self.expected_dead) + sum(self.extra_dead.values())
 
 
 @dataclass
@@ -156,6 +166,7 @@ class Inspection:
     lost: int = 0
     doubled: int = 0
     dead_letters: int = 0
+    failed_outbox: int = 0
     problems: list[str] = field(default_factory=list)
 
     def problem(self, text: str, *, lost: int = 0, doubled: int = 0) -> None:
@@ -298,6 +309,7 @@ def inspect(ledger: Ledger, broker_dead: int | None = None) -> Inspection:
     wanted = Counter(
         (task_of.get(consumer, consumer), event_id) for consumer, event_id in ledger.expected_dead
     )
+    wanted.update(ledger.extra_dead)
     if stored != wanted:
         result.problem(
             f"dead letters stored {dict(stored)}, expected {dict(wanted)}",
@@ -309,4 +321,17 @@ def inspect(ledger: Ledger, broker_dead: int | None = None) -> Inspection:
             f"expected {ledger.expected_broker_dead()}"
         )
     result.dead_letters = max(sum(stored.values()), broker_dead or 0)
+
+    # Outbox messages refused for good: exactly those expected, each with its reason.
+    failed = dict(OutboxMessage.objects.failed().values_list("task_id", "last_error"))
+    failed_ids = {str(task_id) for task_id in failed}
+    if failed_ids != ledger.failed_outbox:
+        result.problem(
+            f"failed outbox messages {sorted(failed_ids)}, expected {sorted(ledger.failed_outbox)}",
+            lost=len(failed_ids - ledger.failed_outbox),
+        )
+    for task_id, error in failed.items():
+        if not error:
+            result.problem(f"the failed outbox message {task_id} gives no reason")
+    result.failed_outbox = len(failed_ids)
     return result

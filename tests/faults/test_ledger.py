@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from django.apps import apps
 from django.db.models import F
+from django.utils import timezone
 
-from idempotency.models import ProcessedEvent
+from idempotency.models import DeadLetter, OutboxMessage, ProcessedEvent
 from orders.models import Customer, LedgerEntry, Order, Product
 from tests.faults import consumers
 from tests.faults.harness import TASKS
@@ -125,3 +126,33 @@ def test_stored_dead_letter_is_reported(applied: Applied) -> None:
     assert any("dead letters stored" in p for p in result.problems)
     ledger.expect_dead_letter(DEBIT, debit["eventId"])
     assert not any("dead letters" in p for p in inspect(ledger).problems)
+
+
+def test_extra_dead_letter_keeps_the_effect_expected(applied: Applied) -> None:
+    """A duplicate's failed delivery: its dead letter is expected, and so is the effect."""
+    ledger, _, debit = applied
+    DeadLetter.objects.create(reason="failed", task_name=DEBIT, event_id=debit["eventId"])
+    assert any("dead letters stored" in p for p in inspect(ledger).problems)
+    ledger.expect_extra_dead_letters(DEBIT, debit["eventId"], 1)
+    assert inspect(ledger).problems == []
+    assert inspect(ledger, broker_dead=1).problems == []
+    # Not a licence for any number of them.
+    DeadLetter.objects.create(reason="failed", task_name=DEBIT, event_id=debit["eventId"])
+    assert any("dead letters stored" in p for p in inspect(ledger).problems)
+
+
+def test_failed_outbox_messages_must_be_expected(applied: Applied) -> None:
+    ledger, _, _ = applied
+    row = OutboxMessage.objects.create(task_name=PLACE, args=[{}], failed_at=timezone.now())
+    result = inspect(ledger)
+    assert result.failed_outbox == 1
+    assert any("failed outbox messages" in p for p in result.problems)
+    assert result.lost == 1
+    ledger.failed_outbox.add(str(row.task_id))
+    # Expected, but a failed row must say why.
+    assert any("gives no reason" in p for p in inspect(ledger).problems)
+    OutboxMessage.objects.filter(pk=row.pk).update(last_error="QueueNotFound('gone')")
+    assert inspect(ledger).problems == []
+    # Expected to fail, yet still pending: reported too.
+    OutboxMessage.objects.filter(pk=row.pk).update(failed_at=None)
+    assert any("failed outbox messages" in p for p in inspect(ledger).problems)
