@@ -23,6 +23,8 @@ PROBLEM_DESCRIPTIONS = {
     400: f"The {HEADER} header is missing (this endpoint requires it) or malformed.",
     409: f"A request with this {HEADER} is still being processed; retry after Retry-After.",
     422: f"This {HEADER} was already used for a different request.",
+    503: "The database is unavailable; retry the same request (same key) after Retry-After. "
+    "The key was released, or is taken over by that retry.",
 }
 
 
@@ -65,13 +67,13 @@ def idempotency_response_headers(*statuses: int) -> list[OpenApiParameter]:
             OpenApiTypes.INT,
             OpenApiParameter.HEADER,
             description="Seconds to wait before retrying the request.",
-            response=[409],
+            response=[409, 503],
         ),
     ]
 
 
 def problem_responses(*statuses: int) -> dict[tuple[int, str], OpenApiResponse]:
-    """The ``application/problem+json`` responses of *statuses* (400, 409, 422)."""
+    """The ``application/problem+json`` responses of *statuses* (400, 409, 422, 503)."""
     return {
         (status, PROBLEM_CONTENT_TYPE): OpenApiResponse(
             ProblemSerializer, description=PROBLEM_DESCRIPTIONS.get(status, "")

@@ -24,9 +24,16 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from idempotency import outbox
-from idempotency.http import KeyScope, current_scope, default_owner, idempotent_request
+from idempotency.http import (
+    PROBLEM_CONTENT_TYPE,
+    KeyScope,
+    current_scope,
+    default_owner,
+    idempotent_request,
+)
 from idempotency.models import IdempotencyKey, Outcome, ProcessedEvent
 from idempotency.openapi import (
+    ProblemSerializer,
     idempotency_key_parameter,
     idempotency_response_headers,
     problem_responses,
@@ -141,7 +148,13 @@ class PlaceOrderMixin:
                     "missing or malformed Idempotency-Key (application/problem+json)."
                 ),
             ),
-            **problem_responses(400, 409, 422),
+            **problem_responses(400, 409, 422, 503),
+            (403, "application/json"): OpenApiResponse(
+                description="Lacks the orders.submit_event permission"
+            ),
+            (413, PROBLEM_CONTENT_TYPE): OpenApiResponse(
+                ProblemSerializer, description="Request body over 1 MiB"
+            ),
         },
     )
     @idempotent_request(required=True)

@@ -301,7 +301,9 @@ def test_the_schema_documents_the_header_and_every_status(api_client: APIClient)
     assert "Location" in responses["202"]["headers"]
     assert "Idempotent-Replayed" in responses["202"]["headers"]
     assert "Retry-After" in responses["409"]["headers"]
-    for status in ("400", "409", "422"):
+    assert "Retry-After" in responses["503"]["headers"]
+    assert {"403", "413"} <= set(responses)
+    for status in ("400", "409", "413", "422", "503"):
         assert PROBLEM_CONTENT_TYPE in responses[status]["content"]
     assert "application/json" in responses["400"]["content"]  # field errors
     assert "get" in schema["paths"]["/api/orders/"]
