@@ -488,6 +488,16 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
         """Refused for a reason that will not go away by itself (see ``last_error``)."""
         return self.filter(published_at__isnull=True, failed_at__isnull=False)
 
+    def redrive(self) -> int:
+        """Put the failed messages among these back in the relay's queue; the number.
+
+        Clears ``failed_at`` on the write alias and keeps ``last_error`` and ``attempts``, so
+        a message that fails again shows its history. Fix the cause first (a queue missing
+        from the settings, a bad option), or it is set aside again at its next publish.
+        """
+        using = getattr(self, "_db", None) or router.db_for_write(self.model) or DEFAULT_DB_ALIAS
+        return self.using(using).failed().update(failed_at=None)
+
     def purge_published(self, *, before: datetime, batch_size: int = 1000) -> int:
         """Delete the messages published before *before*, a batch per transaction."""
         using = getattr(self, "_db", None) or router.db_for_write(self.model) or DEFAULT_DB_ALIAS

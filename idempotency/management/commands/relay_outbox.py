@@ -2,55 +2,111 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connections, router
 
 from idempotency import outbox
 from idempotency.models import OutboxMessage
+
+logger = logging.getLogger("idempotency")
+
+#: The longest wait of ``--forever`` between attempts while the database or broker is away.
+MAX_BACKOFF = 30.0
 
 
 class Command(BaseCommand):
     help = (
         "Publish pending outbox messages to the broker. With --forever it keeps relaying, "
-        "waiting --interval seconds when there is nothing to do or the broker is away."
+        "waiting --interval seconds when there is nothing to do, and longer (up to 30 s) while "
+        "the broker or the database is away. A message refused for good is marked failed and "
+        "skipped; --retry-failed puts the failed messages back first."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--forever", action="store_true", help="keep relaying until stopped")
         parser.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
         parser.add_argument("--batch-size", type=int, default=100, help="messages per transaction")
+        parser.add_argument(
+            "--retry-failed",
+            action="store_true",
+            help="re-drive the messages marked failed (clear failed_at) before relaying",
+        )
 
-    def handle(self, *args: Any, forever: bool, interval: float, batch_size: int, **options: Any):  # type: ignore[no-untyped-def]
+    def handle(  # type: ignore[no-untyped-def]
+        self,
+        *args: Any,
+        forever: bool,
+        interval: float,
+        batch_size: int,
+        retry_failed: bool,
+        **options: Any,
+    ):
         if batch_size < 1:
             raise CommandError("--batch-size must be at least 1")
         if interval <= 0:
             raise CommandError("--interval must be positive")
+        self.alias = router.db_for_write(OutboxMessage)
+        if retry_failed:
+            self._retry_failed()
         if not forever:
-            self._relay_once(batch_size, raise_errors=True)
+            result = self._relay_once(batch_size)
+            if result.outage is not None:
+                raise CommandError(
+                    f"the broker is unavailable: {outbox.describe(result.outage)}"
+                ) from result.outage
             return
         self.stdout.write(f"relaying the outbox every {interval:g}s (Ctrl-C stops)")
         try:
-            while True:
-                if not self._relay_once(batch_size, raise_errors=False):
-                    time.sleep(interval)
+            self._forever(batch_size, interval)
         except KeyboardInterrupt:
             self.stdout.write("stopped")
 
-    def _relay_once(self, batch_size: int, *, raise_errors: bool) -> int:
+    def _retry_failed(self) -> None:
+        redriven = OutboxMessage.objects.using(self.alias).failed().redrive()
+        logger.warning("outbox: %d failed message(s) re-driven by relay_outbox", redriven)
+        self.stdout.write(f"re-drove {redriven} failed message(s)")
+
+    def _forever(self, batch_size: int, interval: float) -> None:
+        wait = interval
+        while True:
+            try:
+                result = self._relay_once(batch_size, report_idle=False)
+            except DatabaseError as exc:
+                # Django reconnects on the next query once the broken connection is closed.
+                connections[self.alias].close_if_unusable_or_obsolete()
+                self.stderr.write(f"database unavailable ({exc}); retrying in {wait:g}s")
+                logger.warning("outbox relay: database unavailable: %s", exc)
+            except Exception as exc:
+                # Whatever else went wrong (one message's fault is handled inside the relay),
+                # an exiting relay stops the whole outbox: log it and try again later.
+                logger.exception("outbox relay: unexpected error")
+                self.stderr.write(f"relay failed ({exc!r}); retrying in {wait:g}s")
+            else:
+                if result.outage is None:
+                    wait = interval
+                    if result.published or result.failed:
+                        continue  # more may be waiting
+                    time.sleep(interval)
+                    continue
+                self.stderr.write(
+                    f"broker unavailable ({outbox.describe(result.outage)}); retrying in {wait:g}s"
+                )
+            time.sleep(wait)
+            wait = min(wait * 2, max(MAX_BACKOFF, interval))
+
+    def _relay_once(self, batch_size: int, *, report_idle: bool = True) -> outbox.Relayed:
         started = time.monotonic()
-        try:
-            published = outbox.relay(batch_size=batch_size)
-        except outbox.broker_errors() as exc:
-            if raise_errors:
-                raise CommandError(f"the broker refused a message: {exc}") from exc
-            self.stderr.write(f"broker unavailable ({exc}); retrying")
-            return 0
-        pending = OutboxMessage.objects.pending().count()
-        if published or raise_errors:
+        result = outbox.relay_messages(batch_size=batch_size, using=self.alias)
+        if result.published or result.failed or (report_idle and result.outage is None):
+            messages = OutboxMessage.objects.using(self.alias)
+            pending, failed = messages.pending().count(), messages.failed().count()
             self.stdout.write(
-                f"published {published} message(s) in {time.monotonic() - started:.2f}s; "
-                f"{pending} pending"
+                f"published {result.published} message(s) in "
+                f"{time.monotonic() - started:.2f}s; {pending} pending, {failed} failed"
+                + (f" ({result.failed} set aside just now)" if result.failed else "")
             )
-        return published
+        return result
