@@ -51,7 +51,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if report is None or not report.rows:
         return
     terminalreporter.section("fault-injection scenarios")
-    for line in report.table():
+    for line in [*report.table(), "", *report.figures()]:
         terminalreporter.write_line(line)
 
 

@@ -638,6 +638,14 @@ class Scenario:
     def count(self, kind: str, event_id: str | None = None) -> int:
         return sum(1 for k, _, e, _, _ in self.journal() if k == kind and event_id in (None, e))
 
+    def logged(self, text: str) -> int:
+        """Lines of the workers' logs that contain *text*."""
+        return sum(
+            line.count(text) and 1
+            for worker in self.workers
+            for line in worker.log.read_text(errors="replace").splitlines()
+        )
+
     def diagnostics(self) -> str:
         try:
             state: Any = self.broker.queue_state(self.queue)
