@@ -32,12 +32,14 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from celery.worker.consumer import Consumer
 from django.db import DatabaseError, connections
+from django.db.transaction import TransactionManagementError
 
 from idempotency import deadletters
 
 from .conf import app_settings
 from .decorators import run_once
 from .exceptions import AfterCommitError, InvalidEvent, InvalidEventId
+from .inbox import inbox_database
 from .keys import KeySpec, extract_key
 from .transient import TRANSIENT_ERRORS, is_transient
 
@@ -55,21 +57,24 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"
 _CELERY_SIGNALS = (Retry, Reject, Ignore)
 
 
-def delivery_number(request: Any) -> int | None:
-    """Which delivery of its message *request* is, when the broker says; None for a first one.
+class _Decided(Reject):
+    """A reject the wrapper raises once it has decided the message's fate (a handler's own
+    ``Reject`` is judged like a failure first)."""
 
-    RabbitMQ quorum queues count in ``x-delivery-count``; RabbitMQ classic queues and kombu's
-    Redis transport (which sets it when it restores an unacknowledged or requeued message) flag a
-    redelivery in ``delivery_info["redelivered"]``: such a delivery is counted durably
-    (:class:`~idempotency.models.DeliveryAttempt`), and ``0`` says so. The filesystem transport
-    flags nothing: its deliveries are not counted.
+
+def delivery_number(request: Any) -> int | None:
+    """``0`` when *request* is a redelivery of its message (count it durably), None otherwise.
+
+    RabbitMQ quorum queues send ``x-delivery-count``; RabbitMQ classic queues and kombu's Redis
+    transport (which sets it when it restores an unacknowledged or requeued message) flag a
+    redelivery in ``delivery_info["redelivered"]``. Either way the delivery is counted in
+    :class:`~idempotency.models.DeliveryAttempt`. The filesystem transport flags nothing: its
+    deliveries are not counted.
     """
-    count = getattr(request, DELIVERY_COUNT_HEADER, None)
-    if count is not None:
-        try:
-            return int(count) + 1
-        except (TypeError, ValueError):
-            pass
+    # The broker's own count includes the deliveries the wrapper gave back itself (an outage
+    # waited out): only the durable counter, which takes those back, can tell them from deaths.
+    if getattr(request, DELIVERY_COUNT_HEADER, None) is not None:
+        return 0
     info = getattr(request, "delivery_info", None) or {}
     if info.get("redelivered") or getattr(request, "redelivered", False):
         return 0
@@ -120,6 +125,8 @@ class IdempotentTask(DjangoTask):
     idempotent = True
     key_spec: KeySpec | None = None
     consumer_name: str | None = None
+    #: The database of the task's inbox (the decorator's ``using``); None: the router's choice.
+    inbox_using: str | None = None
     retry_for: tuple[type[BaseException], ...] = ()
     dont_retry_for: tuple[type[BaseException], ...] = ()
 
@@ -135,6 +142,14 @@ class IdempotentTask(DjangoTask):
                         return None
                     counted = True
                 return apply()
+            except _Decided:
+                raise
+            except Reject as exc:
+                if getattr(exc, "requeue", False):
+                    raise
+                # The handler's own reject without requeue would let the message go with
+                # nothing kept (its effect rolled back): it needs a dead letter first.
+                self._refuse(deadletters.FAILED, exc, event, args, kwargs)
             except _CELERY_SIGNALS:
                 raise
             except AfterCommitError as exc:
@@ -158,8 +173,14 @@ class IdempotentTask(DjangoTask):
                     self._retry_or_fail(exc, event, args, kwargs)
                 if wait is None:
                     wait = _TransientWait(self._transient_window())
-                _drop_connections()
-                if not wait.pause():
+                try:
+                    _drop_connections()
+                    waited = wait.pause()
+                except Exception as interrupted:
+                    # A soft time limit firing in the pause: escaping to on_failure, the message
+                    # would be rejected without requeue, and its dead letter could not be stored.
+                    self._give_back(interrupted, cause=exc)
+                if not waited:
                     logger.warning(
                         "%s[%s]: the database is still unavailable (%r): the message goes back "
                         "to the broker",
@@ -168,7 +189,7 @@ class IdempotentTask(DjangoTask):
                         exc,
                         extra={"consumer": self._consumer(), "event_id": self._event_id([event])},
                     )
-                    raise Reject(exc, requeue=True) from exc
+                    self._give_back(exc)
                 # The first wait is worth a warning; the rest of an outage would flood the log.
                 logger.log(
                     logging.WARNING if wait.pauses == 1 else logging.INFO,
@@ -178,6 +199,40 @@ class IdempotentTask(DjangoTask):
                     wait.pauses + 1,
                     exc,
                 )
+
+    def _give_back(self, exc: BaseException, *, cause: BaseException | None = None) -> NoReturn:
+        """Requeue the message: its fate is not decided, and this delivery is no death.
+
+        The next delivery comes flagged as a redelivery and is counted; this one reached an
+        outcome (the wrapper gave it back), so its count is taken back: an outage, however many
+        windows it lasts, never spends the delivery limit. Best effort, on a failure path.
+        """
+        if getattr(self.request, "idempotency_counted", False):
+            from django.db.models import F
+
+            from .models import DeliveryAttempt
+
+            # The database may be the very thing that is down: then the count stays.
+            with contextlib.suppress(Exception):
+                DeliveryAttempt.objects.filter(task_id=self.request.id, deliveries__gt=1).update(
+                    deliveries=F("deliveries") - 1
+                )
+        raise _Decided(exc, requeue=True) from (cause or exc)  # type: ignore[arg-type]
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's retry, except that a retry it cannot publish gives the message back.
+
+        Celery raises ``Reject(requeue=False)`` then, which would drop the message over a broker
+        error; this holds for a retry the handler asks for itself too (``bind=True``).
+        """
+        try:
+            return super().retry(*args, **kwargs)
+        except _Decided:
+            raise
+        except Reject as rejected:
+            if getattr(rejected, "requeue", False):
+                raise
+            self._give_back(getattr(rejected, "reason", None) or rejected, cause=rejected)
 
     def _transient_window(self) -> float:
         window = app_settings.TRANSIENT_RETRY_WINDOW.total_seconds()
@@ -198,16 +253,15 @@ class IdempotentTask(DjangoTask):
         request = self.request
         if limit is None or not request.id:
             return False
-        deliveries = delivery_number(request)
-        if deliveries is None:
+        if delivery_number(request) is None:
             return False  # a first delivery: the hot path writes nothing
-        event_id = self._event_id([event])
-        if deliveries == 0:
-            from .models import DeliveryAttempt
+        from .models import DeliveryAttempt
 
-            deliveries = DeliveryAttempt.objects.count_delivery(
-                request.id, task_name=self.name, event_id=event_id
-            )
+        event_id = self._event_id([event])
+        deliveries = DeliveryAttempt.objects.count_delivery(
+            request.id, task_name=self.name, event_id=event_id
+        )
+        request.idempotency_counted = True  # type: ignore[attr-defined]
         if deliveries <= limit:
             return False
         if event_id and self._in_inbox(event_id):
@@ -234,13 +288,12 @@ class IdempotentTask(DjangoTask):
             exception=exc,
             attempts=deliveries,
         )
-        raise Reject(exc, requeue=letter is None)
+        raise _Decided(exc, requeue=letter is None)
 
     def _in_inbox(self, event_id: str) -> bool:
-        from .inbox import inbox_database
         from .models import ProcessedEvent
 
-        using = inbox_database()
+        using = self.inbox_using or inbox_database()
         records = ProcessedEvent.objects.using(using).for_consumer(self._consumer())
         return records.for_event(event_id).exists()
 
@@ -262,7 +315,9 @@ class IdempotentTask(DjangoTask):
             exception=exc,
             traceback=_format(exc),
         )
-        raise Reject(exc, requeue=letter is None) from exc
+        if letter is None:
+            self._give_back(exc)
+        raise _Decided(exc, requeue=False) from exc
 
     def _retry_or_fail(self, exc: Exception, event: Any, args: Any, kwargs: Any) -> NoReturn:
         if isinstance(exc, self.retry_for) and not isinstance(exc, self.dont_retry_for):
@@ -277,14 +332,10 @@ class IdempotentTask(DjangoTask):
                     full_jitter=getattr(self, "retry_jitter", True),
                 )
             try:
+                # retry() gives the message back itself when the retry cannot be published.
                 raise self.retry(exc=exc, **options)
-            except Retry:
+            except (Retry, Reject):
                 raise
-            except Reject as rejected:
-                # Celery rejects without requeue when it cannot publish the retry: a broker
-                # error is no reason to drop the message.
-                reason = getattr(rejected, "reason", None) or exc
-                raise Reject(reason, requeue=True) from exc
             except Exception:
                 pass  # retries exhausted (Celery re-raises exc): a final failure
         self._fail(exc, event, args, kwargs)
@@ -310,7 +361,7 @@ class IdempotentTask(DjangoTask):
                 self.request.id,
                 exc_info=exc,
             )
-            raise Reject(exc, requeue=True) from exc
+            self._give_back(exc)
         # The task fails as usual (its state, signals and log); Celery then rejects the message
         # without requeue (acks_on_failure_or_timeout=False), and on_failure stores nothing more.
         self.request.idempotency_dead_letter = letter.pk  # type: ignore[attr-defined]
@@ -345,6 +396,20 @@ class IdempotentTask(DjangoTask):
             return extract_key(args[0], spec)
         except Exception:  # any event, however malformed: the id is only a label here
             return ""
+
+
+def _require_usable_transaction(using: str | None) -> None:
+    """Raise if the handler caught a database error and left the claim's transaction broken.
+
+    Django would then roll the claim back silently on leaving the block, with the effect: the
+    task would succeed and the message be acknowledged with nothing applied, nothing kept.
+    """
+    if connections[using or inbox_database()].needs_rollback:
+        raise TransactionManagementError(
+            "the handler caught a database error inside the claim's transaction and went on: "
+            "the transaction can only roll back, so the event is not applied. Wrap the "
+            "statement that may fail in transaction.atomic() to catch its error."
+        )
 
 
 def _format(exc: BaseException) -> str:
@@ -400,6 +465,12 @@ def idempotent_task(
     def decorate(fn: Callable[..., Any]) -> Any:
         def run(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
             call_args = (self, event, *args) if bind else (event, *args)
+
+            def handle() -> Any:
+                value = fn(*call_args, **kwargs)
+                _require_usable_transaction(using)
+                return value
+
             return self.deliver(
                 event,
                 args,
@@ -407,7 +478,7 @@ def idempotent_task(
                 lambda: run_once(
                     consumer or self.name,
                     event,
-                    lambda: fn(*call_args, **kwargs),
+                    handle,
                     key=key,
                     on_mismatch=on_mismatch,
                     store_result=store_result,
@@ -420,7 +491,9 @@ def idempotent_task(
         run.__qualname__ = fn.__qualname__
         run.__module__ = fn.__module__
         run.__doc__ = fn.__doc__
-        return shared_task(bind=True, key_spec=key, consumer_name=consumer, **options)(run)
+        return shared_task(
+            bind=True, key_spec=key, consumer_name=consumer, inbox_using=using, **options
+        )(run)
 
     return decorate(func) if func is not None else decorate
 
