@@ -151,3 +151,39 @@ def test_a_message_killed_on_every_delivery_ends_as_one_dead_letter(
     assert not processed(poison["eventId"])
     if broker_url.startswith("amqp"):
         assert dead_count(broker_url, queue_name) == 1  # rejected without requeue
+
+
+def test_an_outage_of_many_windows_does_not_spend_the_delivery_limit(
+    broker_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    # The database answers (the delivery counter is written) but the inbox is locked: each
+    # delivery times out on the lock for a whole window and is given back. Those give-backs are
+    # no deaths: past DELIVERY_LIMIT of them the event is still applied, not dead-lettered.
+    import psycopg
+
+    log = tmp_path / "worker.log"
+    event = {"eventId": f"locked-{uuid.uuid4().hex}"}
+    env = {
+        "PGOPTIONS": "-c lock_timeout=200",
+        **settings_env(TRANSIENT_RETRY_WINDOW=1, DELIVERY_LIMIT=2),
+    }
+    with (
+        psycopg.connect(database_url()) as locker,
+        celery_worker(
+            broker_url, queues=queue_name, log=log, concurrency=1, include=INCLUDE, extra_env=env
+        ) as worker,
+    ):
+        locker.execute("LOCK TABLE idempotency_processedevent IN ACCESS EXCLUSIVE MODE")
+        task_id = publish(broker_url, queue_name, worker_tasks.apply_event, event)
+        wait_for(
+            lambda: log.read_text().count("goes back to the broker") >= 5,
+            90,
+            "the message to go back to the broker five times",
+        )
+        locker.rollback()
+        wait_for(lambda: processed(event["eventId"]), 60, "the event to be applied")
+        assert worker.poll() is None, "the worker died"
+    assert ProcessedEvent.objects.for_event(event["eventId"]).count() == 1
+    assert not DeadLetter.objects.exists()
+    assert DeliveryAttempt.objects.get(task_id=task_id).deliveries <= 2
+    assert dead_count(broker_url, queue_name) == 0
