@@ -307,8 +307,11 @@ class Relayed:
     """What a relay run did."""
 
     published: int = 0
-    #: Messages marked failed: the broker or the publish refused them for good.
+    #: Messages set aside (``failed_at``): refused for good while the others went through.
     failed: int = 0
+    #: Messages that failed with an unexpected error while nothing after them went through:
+    #: left pending (``attempts``, ``last_error``), as the cause may be the process, not them.
+    held: int = 0
     #: The broker error that stopped the run (its messages stay pending), if any.
     outage: BaseException | None = None
 
@@ -317,6 +320,7 @@ class Relayed:
 class _Outcome:
     sent: list[int] = field(default_factory=list)
     failed: list[tuple[Any, BaseException]] = field(default_factory=list)
+    held: list[tuple[Any, BaseException]] = field(default_factory=list)
     outage: tuple[Any, BaseException] | None = None
     interrupted: BaseException | None = None
 
@@ -357,6 +361,11 @@ def relay_messages(
     a batch sent are marked in its transaction whatever happens to the rows after them. With
     *producer* and *deadline* (a ``time.monotonic()`` value) every publish is bounded by the
     time left and never retried; without, Celery's connection pool and retry policy apply.
+
+    Which failures set a message aside: an error that names the message itself (its queue is
+    not configured, its serializer or options are refused, the broker refused its exchange) at
+    once; any other unexpected error only once a message after it went through, which shows
+    the fault is the message's and not the process's. Until then it stays pending.
     """
     from .models import OutboxMessage
 
@@ -378,13 +387,17 @@ def relay_messages(
                 rows.filter(pk=message.pk).update(
                     failed_at=Now(), attempts=F("attempts") + 1, last_error=describe(exc)
                 )
-            if outcome.outage is not None and count_outage:
-                message, exc = outcome.outage
+            retried = [
+                *outcome.held,
+                *([outcome.outage] if count_outage and outcome.outage else []),
+            ]
+            for message, exc in retried:
                 rows.filter(pk=message.pk).update(
                     attempts=F("attempts") + 1, last_error=describe(exc)
                 )
         result.published += len(outcome.sent)
         result.failed += len(outcome.failed)
+        result.held += len(outcome.held)
         for message, exc in outcome.failed:
             logger.error(
                 "outbox: message %s (%s, event %r) failed for good and is set aside until "
@@ -395,15 +408,26 @@ def relay_messages(
                 describe(exc),
                 extra={"outbox_message": message.pk, "task_name": message.task_name},
             )
+        for message, exc in outcome.held:
+            logger.warning(
+                "outbox: message %s (%s) could not be published and stays pending: %s",
+                message.pk,
+                message.task_name,
+                describe(exc),
+                exc_info=exc,
+            )
         if outcome.interrupted is not None:
             raise outcome.interrupted
         if outcome.outage is not None:
             result.outage = outcome.outage[1]
             return result
+        if not outcome.sent and not outcome.failed:
+            return result  # only held rows left: trying them again now would change nothing
 
 
 def _publish(batch: list[Any], producer: Any, deadline: float | None) -> _Outcome:
     outcome = _Outcome()
+    suspects: list[tuple[Any, BaseException]] = []
     for message in batch:
         bounded: dict[str, Any] = {}
         if deadline is not None:
@@ -432,9 +456,16 @@ def _publish(batch: list[Any], producer: Any, deadline: float | None) -> _Outcom
             if is_outage(exc):
                 outcome.outage = (message, exc)
                 break
-            outcome.failed.append((message, exc))
+            if isinstance(exc, _refusals()):
+                outcome.failed.append((message, exc))
+            else:
+                suspects.append((message, exc))
             continue
         outcome.sent.append(message.pk)
+        # The publish works for this message: those that failed before it are at fault.
+        outcome.failed.extend(suspects)
+        suspects = []
+    outcome.held = suspects
     return outcome
 
 
@@ -457,8 +488,20 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def _refusals() -> tuple[type[BaseException], ...]:
-    """Broker errors about one message: a missing exchange, a refused or malformed publish."""
-    found: list[type[BaseException]] = []
+    """Errors about one message: its queue, serializer, compression or encoding, or the broker
+    refusing its exchange or routing. Anything else may be the process's or the broker's."""
+    import struct
+
+    from celery.exceptions import QueueNotFound
+    from kombu.exceptions import ContentDisallowed, EncodeError, SerializerNotInstalled
+
+    found: list[type[BaseException]] = [
+        QueueNotFound,
+        EncodeError,
+        SerializerNotInstalled,
+        ContentDisallowed,
+        struct.error,  # py-amqp encoding a property of the wrong type (a priority "high")
+    ]
     try:
         from amqp.exceptions import IrrecoverableChannelError
 

@@ -6,6 +6,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from celery.exceptions import QueueNotFound
 from django.core.management import CommandError, call_command
 from django.db import transaction
 from kombu.exceptions import OperationalError as BrokerDown
@@ -128,7 +129,6 @@ def test_the_beat_task_relays(broker: mock.Mock) -> None:
 
 def refuse(*bad: str) -> Any:
     """A send_task that refuses the messages whose first argument is in *bad* for good."""
-    from celery.exceptions import QueueNotFound
 
     def send_task(name: str, args: Any = (), **options: Any) -> None:
         if args and args[0] in bad:
@@ -203,12 +203,31 @@ def test_what_counts_as_an_outage(broker: mock.Mock, error: BaseException) -> No
 def test_the_rows_sent_before_a_failure_are_marked(broker: mock.Mock) -> None:
     for name in ("a", "b", "bad", "c"):
         outbox.enqueue("t.name", [name], publish_on_commit=False)
-    broker.side_effect = [None, None, RuntimeError("a bug in a serializer"), BrokerDown("gone")]
+    broker.side_effect = [None, None, QueueNotFound("gone"), BrokerDown("gone")]
     assert outbox.relay(quiet=True) == 2
     published = OutboxMessage.objects.filter(published_at__isnull=False)
     assert sorted(m.args[0] for m in published) == ["a", "b"]
     assert OutboxMessage.objects.failed().get().args == ["bad"]
     assert OutboxMessage.objects.pending().get().args == ["c"]
+
+
+def test_an_unexpected_error_sets_a_row_aside_only_once_a_later_row_went_through(
+    broker: mock.Mock,
+) -> None:
+    for name in ("odd", "next"):
+        outbox.enqueue("t.name", [name], publish_on_commit=False)
+    # Every publish fails the same unexpected way: the process, not the rows, is at fault.
+    broker.side_effect = RuntimeError("Acquire on closed pool")
+    result = outbox.relay_messages()
+    assert (result.published, result.failed, result.held) == (0, 0, 2)
+    assert not OutboxMessage.objects.failed().exists()
+    assert set(OutboxMessage.objects.pending().values_list("attempts", flat=True)) == {1}
+    assert "Acquire on closed pool" in OutboxMessage.objects.first().last_error  # type: ignore[union-attr]
+    # Only "odd" still fails, and "next" goes through after it: "odd" is at fault.
+    broker.side_effect = [RuntimeError("odd"), None]
+    result = outbox.relay_messages()
+    assert (result.published, result.failed, result.held) == (1, 1, 0)
+    assert OutboxMessage.objects.failed().get().args == ["odd"]
 
 
 def test_an_interrupt_mid_batch_still_marks_what_was_sent(broker: mock.Mock) -> None:

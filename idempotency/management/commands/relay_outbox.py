@@ -86,27 +86,37 @@ class Command(BaseCommand):
                 logger.exception("outbox relay: unexpected error")
                 self.stderr.write(f"relay failed ({exc!r}); retrying in {wait:g}s")
             else:
-                if result.outage is None:
+                if result.published or result.failed:
                     wait = interval
-                    if result.published or result.failed:
+                    if result.outage is None:
                         continue  # more may be waiting
+                if result.outage is not None:
+                    self.stderr.write(
+                        f"broker unavailable ({outbox.describe(result.outage)}); "
+                        f"retrying in {wait:g}s"
+                    )
+                elif result.held:
+                    self.stderr.write(
+                        f"{result.held} message(s) could not be published (see their "
+                        f"last_error); retrying in {wait:g}s"
+                    )
+                else:
+                    wait = interval
                     time.sleep(interval)
                     continue
-                self.stderr.write(
-                    f"broker unavailable ({outbox.describe(result.outage)}); retrying in {wait:g}s"
-                )
             time.sleep(wait)
             wait = min(wait * 2, max(MAX_BACKOFF, interval))
 
     def _relay_once(self, batch_size: int, *, report_idle: bool = True) -> outbox.Relayed:
         started = time.monotonic()
         result = outbox.relay_messages(batch_size=batch_size, using=self.alias)
-        if result.published or result.failed or (report_idle and result.outage is None):
+        if result.published or result.failed or result.held or report_idle:
             messages = OutboxMessage.objects.using(self.alias)
             pending, failed = messages.pending().count(), messages.failed().count()
             self.stdout.write(
                 f"published {result.published} message(s) in "
                 f"{time.monotonic() - started:.2f}s; {pending} pending, {failed} failed"
                 + (f" ({result.failed} set aside just now)" if result.failed else "")
+                + (f"; {result.held} could not be published, see last_error" if result.held else "")
             )
         return result
