@@ -404,3 +404,15 @@ def test_a_kept_connection_that_died_is_replaced_once(
         outbox.enqueue("t.name", [2])
     assert OutboxMessage.objects.get(args=[2]).published_at is not None
     assert not outbox.publisher.is_open(outbox._broker_key())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_real_commit_never_raises_for_a_message_refused_for_good() -> None:
+    """The producer's own ``transaction.atomic()``: the publish after it is the real one
+    (Celery's own app and broker), and the queue the message names is not configured."""
+    with transaction.atomic():
+        outbox.enqueue("t.name", [1], options={"queue": "a-queue-no-longer-configured"})
+    message = OutboxMessage.objects.get()
+    assert message.failed_at is not None
+    assert "QueueNotFound" in message.last_error
+    assert outbox.relay() == 0  # and the relay neither raises nor tries it again
