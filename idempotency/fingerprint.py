@@ -73,7 +73,10 @@ def bounded_canonical_json(payload: Any, *, max_depth: int, max_bytes: int) -> b
         ) from None
     except (TypeError, ValueError) as exc:  # no JSON form; ValueError: a circular reference
         raise InvalidEvent(f"the event has no JSON form: {exc}") from exc
-    encoded = document.encode()
+    try:
+        encoded = document.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 form, so none in JSON either
+        raise InvalidEvent(f"the event has no JSON form: {exc}") from exc
     if len(encoded) > max_bytes:
         raise InvalidEvent(
             f"the event is {len(encoded)} bytes as canonical JSON; MAX_EVENT_BYTES is {max_bytes}"
@@ -83,6 +86,32 @@ def bounded_canonical_json(payload: Any, *, max_depth: int, max_bytes: int) -> b
     if encoded.count(b"[") + encoded.count(b"{") > max_depth and nested_deeper(document, max_depth):
         raise InvalidEvent(f"the event is nested deeper than MAX_EVENT_DEPTH ({max_depth})")
     return encoded
+
+
+#: ``\u0000`` as JSON writes a NUL, not preceded by an escaping backslash.
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def has_escaped_nul(document: str) -> bool:
+    """Whether the JSON *document* holds a NUL character (``\\u0000``) in a string."""
+    return "\\u0000" in document and _ESCAPED_NUL.search(document) is not None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def stored_json(document: str | bytes, what: str) -> Any:
+    """The value of the JSON *document*, as every backend's JSON column can store it.
+
+    Raises ``ValueError`` naming *what* for ``NaN``/``Infinity`` (not JSON: PostgreSQL's jsonb and
+    SQLite's JSON_VALID check refuse them) and for a NUL character (``\\u0000``, which jsonb
+    refuses), whatever the backend, so a project tested on SQLite fails alike on PostgreSQL.
+    """
+    text = document.decode() if isinstance(document, bytes) else document
+    if has_escaped_nul(text):
+        raise ValueError(f"{what} holds a NUL character (\\u0000), which PostgreSQL cannot store")
+    return json.loads(text, parse_constant=_refuse_constant)
 
 
 def event_fingerprint(payload: Any) -> str:

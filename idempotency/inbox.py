@@ -26,11 +26,12 @@ from .conf import MISMATCH_POLICIES, app_settings
 from .exceptions import (
     AfterCommitError,
     IdempotencyConfigurationError,
+    InvalidEvent,
     PayloadMismatch,
     ResultNotSerializable,
     TransactionRequired,
 )
-from .fingerprint import bounded_canonical_json, sha256_hex
+from .fingerprint import bounded_canonical_json, has_escaped_nul, sha256_hex, stored_json
 from .keys import event_id_key
 from .models import Outcome, ProcessedEvent
 from .statements import claim_statement
@@ -175,8 +176,17 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 max_bytes=app_settings.MAX_EVENT_BYTES,
             )
             self.fingerprint = sha256_hex(encoded)
-            # Stored in its JSON form, which the canonical encoding has just proven it has.
-            self.payload = json.loads(encoded) if store_payload else None
+            self.payload = None
+            if store_payload:
+                # Stored in its JSON form, if every backend can hold it: the canonical encoding
+                # lets NaN and NUL through, which the fingerprint never minded.
+                try:
+                    self.payload = stored_json(encoded, "the event")
+                except ValueError as exc:
+                    raise InvalidEvent(
+                        f"{consumer} event {self.event_id!r} cannot be stored (STORE_PAYLOADS): "
+                        f"{exc}"
+                    ) from None
         self.on_mismatch = on_mismatch or app_settings.ON_MISMATCH
         if self.on_mismatch not in MISMATCH_POLICIES:
             raise IdempotencyConfigurationError(
@@ -360,9 +370,12 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         if value is None:
             return None
         try:
-            # Encoded here, not in the UPDATE, so the error names the cause; NaN is refused as
-            # PostgreSQL's jsonb refuses it.
-            json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)
+            # Encoded here, not in the UPDATE, so the error names the cause. Refused on every
+            # backend as PostgreSQL's jsonb refuses them: NaN, a NUL, a lone surrogate.
+            document = json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False, ensure_ascii=False)
+            document.encode()
+            if has_escaped_nul(document):
+                raise ValueError("a NUL character (\\u0000), which PostgreSQL cannot store")
         except (TypeError, ValueError, RecursionError) as exc:
             raise ResultNotSerializable(
                 f"the result of {self.consumer} for event {self.event_id!r} cannot be stored as "

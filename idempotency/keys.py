@@ -32,8 +32,9 @@ COMPOSITE_SEPARATOR = "|"
 COMPOSITE_ESCAPE = "\\"
 MAX_KEY_LENGTH = 255
 
-#: C0 control characters and DEL: PostgreSQL text refuses NUL, and none belongs in an id.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: C0 control characters and DEL (PostgreSQL text refuses NUL, and none belongs in an id), and
+#: lone surrogates, which have no UTF-8 form: no database driver can send them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 #: An integer with more bits than this has more than MAX_KEY_LENGTH digits; refused before
 #: str() (which itself refuses past 4300 digits with a bare ValueError).
@@ -62,7 +63,9 @@ def _as_text(value: Any, what: str) -> str:
             raise InvalidEventId(f"{what} is a number longer than {MAX_KEY_LENGTH} digits")
         return str(value)
     if isinstance(value, (float, Decimal)):
-        if not math.isfinite(value):
+        # Decimal's own test: math.isfinite() raises ValueError on a signalling NaN.
+        finite = value.is_finite() if isinstance(value, Decimal) else math.isfinite(value)
+        if not finite:
             raise InvalidEventId(f"{what} must be a finite number, not {value!r}")
         return str(value)
     if isinstance(value, uuid.UUID):
@@ -80,9 +83,8 @@ def _checked(text: str, what: str) -> str:
     # isprintable() is a quick C scan that passes nearly every id; only the rest get the regex.
     control = None if text.isprintable() else _CONTROL.search(text)
     if control is not None:
-        raise InvalidEventId(
-            f"{what} contains the control character {control.group()!r} at {control.start()}"
-        )
+        kind = "lone surrogate" if control.group() >= "\ud800" else "control character"
+        raise InvalidEventId(f"{what} contains the {kind} {control.group()!r} at {control.start()}")
     return text
 
 
