@@ -81,8 +81,13 @@ def destination(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
         yield url, name
     finally:
         with Connection(url) as conn:
-            queue(conn.default_channel).delete()
-            queue.exchange(conn.default_channel).delete()
+            channel = conn.default_channel
+            queue(channel).purge()
+            queue(channel).delete()
+            queue.exchange(channel).delete()
+            if url.startswith("redis"):
+                # kombu's virtual transport forgets bindings it did not declare itself.
+                channel.client.delete(f"_kombu.binding.{name}")
 
 
 def waiting(url: str, name: str) -> int:
