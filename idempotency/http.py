@@ -38,6 +38,7 @@ release is retried for about two seconds when the database is what failed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -75,7 +76,7 @@ from .exceptions import (
     InvalidIdempotencyKey,
     MissingIdempotencyKey,
 )
-from .fingerprint import fingerprint
+from .fingerprint import canonical_json, fingerprint
 from .models import IdempotencyKey, KeyState
 
 logger = logging.getLogger("idempotency")
@@ -201,13 +202,18 @@ def request_fingerprint(request: Request) -> str:
     The body is compared as parsed data, so key order and white space do not make a retry a
     different request.
     """
-    return fingerprint(
-        {
-            "method": request.method,
-            "path": request.get_full_path(),
-            "body": _canonical(request.data),
-        }
-    )
+    payload = {
+        "method": request.method,
+        "path": request.get_full_path(),
+        "body": _canonical(request.data),
+    }
+    try:
+        return fingerprint(payload)
+    except UnicodeEncodeError:
+        # A lone surrogate (a JSON "\ud800" escape) has no UTF-8 form; whether the request is
+        # valid is the view's to say, and its retries must still hash alike.
+        text = canonical_json(payload).encode("utf-8", "surrogatepass")
+        return hashlib.sha256(text).hexdigest()
 
 
 def current_scope(request: Request) -> KeyScope | None:

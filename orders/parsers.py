@@ -1,7 +1,9 @@
-"""The API's JSON parser: REST framework's, with a bound on how deeply a body may nest."""
+"""The API's JSON parser: REST framework's, with a bound on how deeply a body may nest, and no
+lone surrogates."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rest_framework import parsers
@@ -30,6 +32,27 @@ def depth_of(value: Any) -> int:
     return deepest
 
 
+#: A JSON ``"\ud800"`` escape without its pair parses to a string that has no UTF-8 form:
+#: it cannot be hashed (the Idempotency-Key fingerprint), stored (PostgreSQL) nor published.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_in(value: Any) -> bool:
+    """Whether a string of *value* (a key or a value, at any depth) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class JSONParser(parsers.JSONParser):
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
         try:
@@ -38,4 +61,6 @@ class JSONParser(parsers.JSONParser):
             raise ParseError(f"JSON parse error - nested deeper than {MAX_DEPTH} levels") from exc
         if depth_of(data) > MAX_DEPTH:
             raise ParseError(f"JSON parse error - nested deeper than {MAX_DEPTH} levels")
+        if lone_surrogate_in(data):
+            raise ParseError("JSON parse error - a string holds a lone surrogate (\\ud800-\\udfff)")
         return data

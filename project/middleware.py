@@ -1,7 +1,10 @@
 """What every endpoint of the example service answers the same way, so no view has to.
 
-* A NUL character in the URL (``/api/orders/%00/``, ``?customerId=%00``) is a 400: PostgreSQL
-  refuses NUL in text, and a lookup with one would fail with a ``DataError`` (a 500).
+* A NUL character in the URL (``/api/orders/%00/``, ``?customerId=%00``) or in a header (the
+  token of ``Authorization``, the session cookie) is a 400: PostgreSQL refuses NUL in text, and
+  a lookup with one would fail with a ``DataError`` (a 500).
+* A ``charset`` that names a codec but not a text encoding (``zlib``, ``rot13``, ``base64``)
+  is a 415: parsers would run it on the body and fail with whatever it raises (a 500).
 * A body over ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is a 413 on every endpoint, before a parser reads
   it: REST framework's JSON parser reads the stream itself, past Django's own check. A declared
   ``Content-Length`` is checked at once; a body without one is cut off once the limit is read.
@@ -14,6 +17,7 @@ Answers are ``application/problem+json`` documents, like the ``Idempotency-Key``
 
 from __future__ import annotations
 
+import codecs
 import logging
 import sys
 from collections.abc import Callable
@@ -95,8 +99,36 @@ class _BoundedStream:
             close()
 
 
+def _nul_in_headers(meta: dict[str, Any]) -> bool:
+    return any(
+        isinstance(value, str) and "\x00" in value
+        for name, value in meta.items()
+        if name.startswith("HTTP_") or name in ("CONTENT_TYPE", "CONTENT_LENGTH")
+    )
+
+
+def _decodes_text(charset: str) -> bool:
+    """Whether *charset* is a text encoding (or unknown: Django then ignores it)."""
+    try:
+        info = codecs.lookup(charset)
+    except LookupError:
+        return True
+    # bytes-to-bytes (zlib, base64) and str-to-str (rot13) codecs are not text encodings.
+    return bool(getattr(info, "_is_text_encoding", True))
+
+
+def unsupported_charset(charset: str) -> HttpResponse:
+    return problem(
+        415,
+        "unsupported-charset",
+        "Unsupported charset",
+        f"The charset {charset[:50]!r} is not a text encoding; send UTF-8.",
+    )
+
+
 class RequestGuardMiddleware:
-    """400 for a NUL in the URL, 413 for an oversized body, 503 when the database is down."""
+    """400 for a NUL in the URL or a header, 415 for a charset that is not a text encoding,
+    413 for an oversized body, 503 when the database is down."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -105,10 +137,16 @@ class RequestGuardMiddleware:
         query = request.META.get("QUERY_STRING", "")
         if "\x00" in request.path or "%00" in query or "\x00" in query:
             return bad_request("The URL may not contain a NUL character (%00).")
+        if _nul_in_headers(request.META):
+            return bad_request("A request header may not contain a NUL character.")
+        charset = (request.content_params or {}).get("charset")
+        if charset is not None and not _decodes_text(charset):
+            return unsupported_charset(charset)
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         if limit is not None:
             declared = request.META.get("CONTENT_LENGTH") or ""
-            if declared and not declared.isdigit():
+            # ASCII digits only: str.isdigit() also takes "²", which int() refuses (a 500).
+            if declared and not (declared.isascii() and declared.isdigit()):
                 return bad_request(f"Invalid Content-Length {declared!r}.")
             if declared and int(declared) > limit:
                 return too_large(limit)

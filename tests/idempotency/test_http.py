@@ -18,6 +18,7 @@ from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
+from rest_framework.parsers import JSONParser
 from rest_framework.test import APIClient
 
 from idempotency import http
@@ -129,6 +130,23 @@ def test_key_order_and_white_space_in_the_body_do_not_make_a_new_request(
         "/widgets/", '{"x":1,"name":"ann"}', content_type="application/json", headers=headers
     )
     assert retry["Idempotent-Replayed"] == "true"
+
+
+def test_a_body_with_a_lone_surrogate_is_fingerprinted_not_a_500(
+    api_client: APIClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REST framework's own JSON parser lets a lone "\\ud800" escape through; it has no UTF-8
+    form, so hashing the request must not rely on one."""
+    monkeypatch.setattr(http_urls.WidgetsView, "parser_classes", [JSONParser])
+    headers = {"Idempotency-Key": "surrogate"}
+
+    def send(note: str) -> Any:
+        body = '{"name": "ann", "note": "' + note + '"}'
+        return api_client.post("/widgets/", body, content_type="application/json", headers=headers)
+
+    assert send("\\ud800").status_code == 201
+    assert send("\\ud800")["Idempotent-Replayed"] == "true"
+    problem(send("\\udfff"), 422)  # another lone surrogate: another request
 
 
 def test_a_structured_field_string_is_the_same_key_as_a_bare_token(
