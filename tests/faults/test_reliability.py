@@ -327,6 +327,19 @@ def _web_env() -> dict[str, str]:
     return {"DJANGO_DEBUG": "0", "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost"}
 
 
+REDIS_POP_WINDOW = (
+    "kombu's Redis transport pops a message off the queue, then records it in the unacked hash "
+    "in a second round trip: a worker SIGKILLed between the two loses the message for good "
+    "(celery/celery#7950). Scenario 18 kills the whole worker under load and sometimes lands "
+    "in that window; RabbitMQ has no such gap."
+)
+
+
+@pytest.mark.parametrize(
+    "broker",
+    ["rabbitmq", pytest.param("redis", marks=pytest.mark.xfail(reason=REDIS_POP_WINDOW))],
+    indirect=True,
+)
 def test_http_clients_while_worker_and_database_fail(scenario: NewScenario, broker: Broker) -> None:
     """18. 64 HTTP clients POST 5,000 events (10% of them again) to the production web server
     while the worker is SIGKILLed three times and every database connection is cut three
