@@ -18,7 +18,9 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F
+from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
 from . import signals
@@ -39,6 +41,10 @@ from .statements import claim_statement
 logger = logging.getLogger("idempotency")
 
 _NO_PAYLOAD = object()
+
+#: libpq's PQTRANS_INERROR, as psycopg 3 (``info.transaction_status``) and psycopg2
+#: (``get_transaction_status()``) report it: a statement failed, only a rollback is possible.
+_PQTRANS_INERROR = 3
 
 #: The innermost active claim, so code deep inside a handler can reject the event.
 _active: ContextVar[idempotent | None] = ContextVar("idempotency_active_claim", default=None)
@@ -350,6 +356,7 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
             self._token = None
         try:
             if exc_type is None and self.created:
+                self._require_usable_transaction()
                 self._finish()
         except BaseException:
             self._close(*sys.exc_info())
@@ -362,6 +369,20 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
             if exc_type is None and self._committed:
                 raise AfterCommitError(self.consumer, self.event_id) from error
             raise
+
+    def _require_usable_transaction(self) -> None:
+        """Raise if the block caught a database error and went on: Django would roll the claim
+        back without a word (and PostgreSQL turn the COMMIT into a ROLLBACK, on_commit callbacks
+        still run), so the caller would acknowledge an event that was neither applied nor kept.
+        """
+        connection = connections[self.using]
+        if connection.needs_rollback or _aborted(connection):
+            raise TransactionManagementError(
+                f"{self.consumer} event {self.event_id!r}: a database error was caught inside the "
+                "claim's block and the block went on; its transaction can only roll back, so the "
+                "event is not applied. Wrap the statement that may fail in transaction.atomic() "
+                "to catch its error."
+            )
 
     def _stored_result(self) -> Any:
         value = self.result
@@ -418,6 +439,20 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 record=record,
                 reason=record.reason,
             )
+
+
+def _aborted(connection: BaseDatabaseWrapper) -> bool:
+    """Whether PostgreSQL has aborted the transaction (a failed statement): no query, the
+    driver tracks it.
+    """
+    if connection.vendor != "postgresql" or connection.connection is None:
+        return False
+    raw = connection.connection
+    info = getattr(raw, "info", None)
+    if info is not None:  # psycopg 3
+        return bool(info.transaction_status == _PQTRANS_INERROR)
+    status = getattr(raw, "get_transaction_status", None)  # psycopg2
+    return status is not None and status() == _PQTRANS_INERROR
 
 
 def current_claim() -> idempotent | None:

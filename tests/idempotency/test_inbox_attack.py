@@ -4,13 +4,16 @@ with the library's own error before or instead of a database error, on every bac
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db.transaction import TransactionManagementError
 from django.test import override_settings
 
+from idempotency.decorators import run_once
 from idempotency.exceptions import InvalidEvent, InvalidEventId, ResultNotSerializable
 from idempotency.inbox import claim, idempotent
 from idempotency.keys import composite_key, event_id_key, extract_key
@@ -124,10 +127,85 @@ def test_a_result_with_backslashes_is_stored() -> None:
 
 
 def test_claim_refuses_the_same_ids() -> None:
-    from django.db import transaction
-
     with transaction.atomic():
         with pytest.raises(InvalidEventId):
             claim("c", "x\ud800")
         with pytest.raises(InvalidEventId):
             claim("c", Decimal("sNaN"))
+
+
+# A block that catches a database error and goes on ------------------------------------------
+
+
+def _swallow_orm_error() -> None:
+    with contextlib.suppress(IntegrityError):
+        ProcessedEvent.objects.create(consumer="c", event_id="1")  # the claim's own key
+
+
+def _swallow_raw_error() -> None:
+    # A failed statement aborts a PostgreSQL transaction; SQLite's goes on, and commits.
+    if connection.vendor != "postgresql":
+        pytest.skip("only PostgreSQL aborts the transaction of a failed statement")
+    with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+        cursor.execute("SELECT 1 / 0")
+
+
+def _assert_nothing_kept_and_usable(calls: list[str]) -> None:
+    assert calls == [], "an on_commit callback ran for a transaction that did not commit"
+    assert not connection.in_atomic_block
+    assert connection.get_autocommit()
+    assert not ProcessedEvent.objects.filter(consumer="c").exists()
+    with idempotent("c", "1") as retry:
+        assert not retry.duplicate
+    assert ProcessedEvent.objects.filter(consumer="c", event_id="1").exists()
+
+
+@pytest.mark.parametrize("swallow", [_swallow_orm_error, _swallow_raw_error], ids=["orm", "raw"])
+def test_a_block_that_swallows_a_database_error_fails_instead_of_a_silent_rollback(
+    swallow: Any,
+) -> None:
+    # Before: the block left normally, Django rolled the claim back without a word (PostgreSQL
+    # turned the COMMIT of an aborted transaction into a ROLLBACK and still ran the on_commit
+    # callbacks): the caller acknowledged an event neither applied nor kept.
+    calls: list[str] = []
+    with pytest.raises(TransactionManagementError, match="database error was caught"):  # noqa: SIM117
+        with idempotent("c", "1"):
+            transaction.on_commit(lambda: calls.append("published"))
+            swallow()
+    _assert_nothing_kept_and_usable(calls)
+
+
+def test_run_once_does_not_return_as_if_applied() -> None:
+    calls: list[str] = []
+
+    def handler() -> None:  # no result: so no UPDATE that would have tripped over the error
+        transaction.on_commit(lambda: calls.append("published"))
+        _swallow_orm_error()
+
+    with pytest.raises(TransactionManagementError):
+        run_once("c", {"eventId": "1"}, handler)
+    _assert_nothing_kept_and_usable(calls)
+
+
+@pytest.mark.parametrize("savepoint", [True, False])
+def test_a_nested_claim_that_swallows_an_error_is_not_released_silently(savepoint: bool) -> None:
+    with (
+        pytest.raises(TransactionManagementError),
+        transaction.atomic(),
+        idempotent("c", "outer"),
+    ):
+        with idempotent("c", "1", savepoint=savepoint):
+            _swallow_orm_error()
+        pytest.fail("the inner claim returned as if applied")
+    _assert_nothing_kept_and_usable([])
+
+
+def test_an_error_caught_in_an_atomic_block_of_its_own_is_fine() -> None:
+    with idempotent("c", "1") as first:
+        try:
+            with transaction.atomic():
+                ProcessedEvent.objects.create(consumer="c", event_id="1")
+        except IntegrityError:
+            pass
+        first.result = "kept"
+    assert ProcessedEvent.objects.get(consumer="c", event_id="1").result == "kept"
