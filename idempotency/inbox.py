@@ -87,15 +87,26 @@ def _claim(
 
 
 #: The statements a write guard refuses: those that change rows.
-_WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE", "TRUNCATE")
+_WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE", "TRUNCATE", "UPSERT")
 _WRITE_IN_CTE = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
+#: COPY ... FROM loads rows (COPY ... TO only reads them).
+_COPY_IN = re.compile(r"\bFROM\s+(?:STDIN|PROGRAM|')", re.IGNORECASE)
+#: What may precede the verb: white space, parentheses and comments (a query tagger's, a
+#: hand-written statement's).
+_LEADING = re.compile(r"(?:[\s(]+|/\*.*?\*/|--[^\n]*)*", re.DOTALL)
+_BLANK = " \t\r\n\f\v("
 
 
 def _is_write(sql: str) -> bool:
-    head = sql.lstrip(" \t\n(").upper()
-    return head.startswith(_WRITES) or (
-        head.startswith("WITH") and _WRITE_IN_CTE.search(sql) is not None
-    )
+    head = sql.lstrip(_BLANK)
+    if head.startswith(("/*", "--")):
+        head = head[_LEADING.match(head).end() :]  # type: ignore[union-attr]  # always matches
+    head = head[:8].upper()
+    if head.startswith(_WRITES):
+        return True
+    if head.startswith("WITH"):
+        return _WRITE_IN_CTE.search(sql) is not None
+    return head.startswith("COPY") and _COPY_IN.search(sql) is not None
 
 
 class _WriteGuard:

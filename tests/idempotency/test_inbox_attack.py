@@ -9,15 +9,21 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, connections, transaction
 from django.db.transaction import TransactionManagementError
 from django.test import override_settings
 
 from idempotency.decorators import run_once
-from idempotency.exceptions import InvalidEvent, InvalidEventId, ResultNotSerializable
-from idempotency.inbox import claim, idempotent
+from idempotency.exceptions import (
+    IdempotencyConfigurationError,
+    InvalidEvent,
+    InvalidEventId,
+    ResultNotSerializable,
+)
+from idempotency.inbox import _is_write, claim, idempotent
 from idempotency.keys import composite_key, event_id_key, extract_key
 from idempotency.models import ProcessedEvent
+from tests.replica import Replica, uses_replica
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -209,3 +215,71 @@ def test_an_error_caught_in_an_atomic_block_of_its_own_is_fine() -> None:
             pass
         first.result = "kept"
     assert ProcessedEvent.objects.get(consumer="c", event_id="1").result == "kept"
+
+
+# The write guard: every form of a write, none of a read ---------------------------------------
+
+WRITES = [
+    "/* app:orders */ INSERT INTO t VALUES (1)",
+    "-- tagged\nUPDATE t SET a = 1",
+    "/* a */ -- b\n ( /* multi\nline */ DELETE FROM t",
+    "\r\nDELETE FROM t",
+    "\f\vTRUNCATE t",
+    "insert into t values (1)",
+    "COPY t FROM STDIN",
+    "COPY t (a) FROM '/tmp/rows.csv'",
+    "WITH gone AS (DELETE FROM t RETURNING a) SELECT a FROM gone",
+    "UPSERT INTO t VALUES (1)",
+]
+READS = [
+    "SELECT 1",
+    "/* INSERT */ SELECT 1",
+    "-- UPDATE t\nSELECT a FROM t",
+    "COPY (SELECT a FROM t) TO STDOUT",
+    "WITH x AS (SELECT 1) SELECT * FROM x",
+    "SAVEPOINT s1",
+    "RELEASE SAVEPOINT s1",
+    "SELECT 'INSERT INTO t'",
+    "/* unterminated INSERT",
+]
+
+
+@pytest.mark.parametrize("sql", WRITES)
+def test_the_guard_sees_every_form_of_a_write(sql: str) -> None:
+    # Leading comments (a query tagger's), \r, \f and COPY ... FROM used to pass as reads.
+    assert _is_write(sql)
+
+
+@pytest.mark.parametrize("sql", READS)
+def test_the_guard_lets_reads_through(sql: str) -> None:
+    assert not _is_write(sql)
+
+
+@pytest.mark.services
+@uses_replica
+@pytest.mark.parametrize("sql", ["/* orders */ UPDATE idempotency_processedevent SET reason = 'x'"])
+def test_a_tagged_raw_write_elsewhere_is_refused_before_it_runs(
+    primary_replica: Replica, sql: str
+) -> None:
+    # The replica refuses writes itself, with 25006, which is_transient() calls a failover: the
+    # delivery would be retried for ever. The guard must refuse first, as the configuration
+    # error it is; reads on the replica during the claim go on.
+    replica = connections[primary_replica.replica]
+    with idempotent("c", "1", using=primary_replica.primary) as first:
+        assert not first.duplicate
+        with replica.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM idempotency_processedevent")
+            assert cursor.fetchone() is not None
+        with (
+            pytest.raises(IdempotencyConfigurationError, match="writes to 'replica'"),
+            replica.cursor() as cursor,
+        ):
+            cursor.execute(sql)
+        with (
+            pytest.raises(IdempotencyConfigurationError),
+            replica.cursor() as cursor,
+        ):
+            cursor.executemany(
+                "-- bulk\nINSERT INTO idempotency_processedevent (consumer) VALUES (%s)", [["a"]]
+            )
+    assert ProcessedEvent.objects.using(primary_replica.primary).filter(consumer="c").exists()
