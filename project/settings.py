@@ -229,6 +229,10 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
                 "CELERY_VISIBILITY_TIMEOUT", CELERY_TASK_TIME_LIMIT + MAX_RETRY_DELAY + 300
             )
         ),
+        # Without them a Redis that accepts connections and never answers blocks the relay and
+        # the workers' publishes for ever; the worker's own polling waits 1 s at a time.
+        "socket_connect_timeout": 5,
+        "socket_timeout": 10,
     }
 
 # --- The idempotency app --------------------------------------------------------------------
