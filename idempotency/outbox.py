@@ -18,6 +18,7 @@ the router's write alias. See docs/outbox.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -32,6 +33,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 
 from .conf import app_settings
+from .exceptions import InvalidEvent
 
 if TYPE_CHECKING:
     from .models import OutboxMessage
@@ -61,6 +63,7 @@ def enqueue(
 
     alias = router.db_for_write(OutboxMessage)
     name = task if isinstance(task, str) else task.name
+    _check_storable(args, kwargs, options)
     message = OutboxMessage.objects.using(alias).create(
         task_name=name,
         args=list(args),
@@ -71,6 +74,19 @@ def enqueue(
     if publish_on_commit:
         _publish_after_commit(alias, message.pk)
     return message
+
+
+def _check_storable(*parts: Any) -> None:
+    """Refuse, before the insert, what the JSON columns or the broker cannot carry: the
+    database would answer with an integrity or data error (or store it for a relay to choke
+    on), which a caller would take for an outage. Types JSON has no form for stay TypeError."""
+    try:
+        text = json.dumps(parts, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")  # a lone surrogate
+    except (ValueError, RecursionError) as exc:
+        raise InvalidEvent(f"outbox message arguments cannot be stored: {exc}") from exc
+    if "\\u0000" in text:  # json escapes NUL; PostgreSQL refuses it in jsonb
+        raise InvalidEvent("outbox message arguments cannot be stored: they hold a NUL character")
 
 
 class _PublishAfterCommit:
@@ -372,15 +388,29 @@ def relay_messages(
     alias = using or router.db_for_write(OutboxMessage)
     rows = OutboxMessage.objects.using(alias)
     result = Relayed()
+    # Rows held by an earlier batch of this run: skipped by the next batches, so a run of them
+    # as long as a batch cannot hold back the rows after it, and set aside once one of those
+    # goes through.
+    held: list[tuple[Any, BaseException]] = []
     while True:
         with transaction.atomic(using=alias):
             pending = rows.pending().order_by("pk")
             if ids is not None:
                 pending = pending.filter(pk__in=ids)
+            if held:
+                pending = pending.exclude(pk__in=[message.pk for message, _ in held])
             batch = list(pending.select_for_update(skip_locked=True)[:batch_size])
             if not batch:
                 return result
             outcome = _publish(batch, producer, deadline)
+            if outcome.sent and held:
+                proven, held = held, []
+                # Unlocked since their batch: another relay may have published them.
+                rows.pending().filter(pk__in=[m.pk for m, _ in proven]).update(failed_at=Now())
+                result.failed += len(proven)
+                result.held -= len(proven)
+                for message, exc in proven:
+                    _log_failed(message, exc)
             if outcome.sent:
                 rows.filter(pk__in=outcome.sent).update(published_at=Now())
             for message, exc in outcome.failed:
@@ -399,15 +429,8 @@ def relay_messages(
         result.failed += len(outcome.failed)
         result.held += len(outcome.held)
         for message, exc in outcome.failed:
-            logger.error(
-                "outbox: message %s (%s, event %r) failed for good and is set aside until "
-                "re-driven: %s",
-                message.pk,
-                message.task_name,
-                message.event_id,
-                describe(exc),
-                extra={"outbox_message": message.pk, "task_name": message.task_name},
-            )
+            _log_failed(message, exc)
+        held.extend(outcome.held)
         for message, exc in outcome.held:
             logger.warning(
                 "outbox: message %s (%s) could not be published and stays pending: %s",
@@ -421,8 +444,19 @@ def relay_messages(
         if outcome.outage is not None:
             result.outage = outcome.outage[1]
             return result
-        if not outcome.sent and not outcome.failed:
+        if not outcome.sent and not outcome.failed and len(batch) < batch_size:
             return result  # only held rows left: trying them again now would change nothing
+
+
+def _log_failed(message: Any, exc: BaseException) -> None:
+    logger.error(
+        "outbox: message %s (%s, event %r) failed for good and is set aside until re-driven: %s",
+        message.pk,
+        message.task_name,
+        message.event_id,
+        describe(exc),
+        extra={"outbox_message": message.pk, "task_name": message.task_name},
+    )
 
 
 def _publish(batch: list[Any], producer: Any, deadline: float | None) -> _Outcome:

@@ -16,6 +16,8 @@ logger = logging.getLogger("idempotency")
 
 #: The longest wait of ``--forever`` between attempts while the database or broker is away.
 MAX_BACKOFF = 30.0
+#: The largest --batch-size: one batch is one transaction holding its rows locked.
+MAX_BATCH_SIZE = 10_000
 
 
 class Command(BaseCommand):
@@ -45,10 +47,12 @@ class Command(BaseCommand):
         retry_failed: bool,
         **options: Any,
     ):
-        if batch_size < 1:
-            raise CommandError("--batch-size must be at least 1")
-        if interval <= 0:
-            raise CommandError("--interval must be positive")
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            # Past this, the database refuses the LIMIT, which --forever would take for an
+            # outage and retry for ever.
+            raise CommandError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}")
+        if not (0 < interval <= 86_400):  # also refuses nan; inf cannot be slept
+            raise CommandError("--interval must be a positive number of seconds, at most 86400")
         self.alias = router.db_for_write(OutboxMessage)
         if retry_failed:
             self._retry_failed()
