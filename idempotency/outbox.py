@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -63,6 +64,9 @@ def enqueue(
 
     alias = router.db_for_write(OutboxMessage)
     name = task if isinstance(task, str) else task.name
+    if isinstance(args, (str, bytes)):
+        # list("abc") would quietly become three arguments.
+        raise TypeError(f"args must be a list or tuple of arguments, not {type(args).__name__}")
     _check_storable(args, kwargs, options)
     message = OutboxMessage.objects.using(alias).create(
         task_name=name,
@@ -76,6 +80,11 @@ def enqueue(
     return message
 
 
+#: A NUL as json.dumps escapes it: ``\u0000`` after an even number of backslashes (an odd
+#: number is a literal backslash followed by the text "u0000").
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def _check_storable(*parts: Any) -> None:
     """Refuse, before the insert, what the JSON columns or the broker cannot carry: the
     database would answer with an integrity or data error (or store it for a relay to choke
@@ -85,7 +94,7 @@ def _check_storable(*parts: Any) -> None:
         text.encode("utf-8")  # a lone surrogate
     except (ValueError, RecursionError) as exc:
         raise InvalidEvent(f"outbox message arguments cannot be stored: {exc}") from exc
-    if "\\u0000" in text:  # json escapes NUL; PostgreSQL refuses it in jsonb
+    if _ESCAPED_NUL.search(text):  # json escapes NUL; PostgreSQL refuses it in jsonb
         raise InvalidEvent("outbox message arguments cannot be stored: they hold a NUL character")
 
 

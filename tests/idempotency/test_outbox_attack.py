@@ -13,6 +13,7 @@ from django.core.management import CommandError, call_command
 from django.db import transaction
 
 from idempotency import outbox
+from idempotency.exceptions import InvalidEvent
 from idempotency.models import OutboxMessage
 
 pytestmark = pytest.mark.django_db
@@ -179,3 +180,23 @@ def test_args_json_can_carry_are_published_as_given(broker: mock.Mock, args: lis
     assert broker.call_args.kwargs["args"] == args
     message.refresh_from_db()
     assert message.published_at is not None
+
+
+@pytest.mark.parametrize("args", ["abc", b"abc"])
+def test_a_string_is_not_a_list_of_arguments(args: Any) -> None:
+    with pytest.raises(TypeError, match="list or tuple"):
+        outbox.enqueue("t.name", args, publish_on_commit=False)
+    assert not OutboxMessage.objects.exists()
+
+
+@pytest.mark.parametrize("text", ["\\u0000", "C:\\u0000\\dir", "\\\\u0000"])
+def test_a_literal_backslash_u0000_is_text_not_a_nul(text: str) -> None:
+    message = outbox.enqueue("t.name", [text], publish_on_commit=False)
+    message.refresh_from_db()
+    assert message.args == [text]
+
+
+@pytest.mark.parametrize("text", ["\x00", "\\\x00", "a\\\\\x00"])
+def test_a_nul_after_backslashes_is_still_refused(text: str) -> None:
+    with pytest.raises(InvalidEvent, match="NUL"):
+        outbox.enqueue("t.name", [text], publish_on_commit=False)
