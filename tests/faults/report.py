@@ -82,10 +82,16 @@ class Report:
         versions = ", ".join(f"{k} {self.versions[k]}" for k in order if k in self.versions)
         outcomes = Counter(self.outcome(r) for r in self.rows)
         summary = ", ".join(f"{outcomes[k]} {k}" for k in sorted(outcomes))
+        with_rows = {r.nodeid for r in self.rows}
         rowless = sorted(
             nodeid
             for nodeid, outcome in self.outcomes.items()
-            if outcome == "failed" and nodeid not in {r.nodeid for r in self.rows}
+            if outcome == "failed" and nodeid not in with_rows
+        )
+        gaps = sorted(
+            nodeid
+            for nodeid, outcome in self.outcomes.items()
+            if outcome == "xfailed" and nodeid not in with_rows
         )
         lines = [
             "# Reliability: the fault-injection suite",
@@ -113,6 +119,15 @@ class Report:
             *(
                 [f"Failed before publishing a row: {', '.join(f'`{n}`' for n in rowless)}.", ""]
                 if rowless
+                else []
+            ),
+            *(
+                [
+                    "Known gaps, expected to fail before publishing a row (see faults.md): "
+                    f"{', '.join(f'`{n}`' for n in gaps)}.",
+                    "",
+                ]
+                if gaps
                 else []
             ),
             f"Versions: {versions}.",
