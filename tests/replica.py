@@ -44,25 +44,8 @@ import pytest
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.test import override_settings
 
+from tests.routers import REPLICA
 from tests.services import require_postgres
-
-REPLICA = "replica"
-
-
-class PrimaryReplicaRouter:
-    """Reads from the replica, writes (and migrations) to the primary."""
-
-    def db_for_read(self, model: type[Any], **hints: Any) -> str:
-        return REPLICA
-
-    def db_for_write(self, model: type[Any], **hints: Any) -> str:
-        return DEFAULT_DB_ALIAS
-
-    def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool:
-        return True
-
-    def allow_migrate(self, db: str, app_label: str, **hints: Any) -> bool:
-        return db == DEFAULT_DB_ALIAS
 
 
 @dataclass(frozen=True)
@@ -114,7 +97,7 @@ def replica_alias(django_db_setup: None, django_db_blocker: Any) -> Iterator[str
 @pytest.fixture
 def primary_replica(replica_alias: str, transactional_db: None) -> Iterator[Replica]:
     """The router, for the duration of the test (mark the test with ``uses_replica``)."""
-    with override_settings(DATABASE_ROUTERS=[f"{__name__}.PrimaryReplicaRouter"]):
+    with override_settings(DATABASE_ROUTERS=["tests.routers.PrimaryReplicaRouter"]):
         # Prove the setup is faithful before any test relies on it.
         with connections[replica_alias].cursor() as cursor:
             cursor.execute("SHOW transaction_read_only")

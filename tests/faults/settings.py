@@ -7,7 +7,7 @@
     transactions, as a project that sets ``OPTIONS["isolation_level"]`` runs them.
 ``FAULTS_REPLICA=1``
     A ``replica`` alias, a read-only connection to the same database (a hot standby, as far as
-    the code can tell), and :class:`tests.faults.routers.PrimaryReplicaRouter`: reads go to the
+    the code can tell), and :class:`tests.routers.PrimaryReplicaRouter`: reads go to the
     replica, writes to ``default``.
 ``FAULTS_DELIVERY_LIMIT``
     ``IDEMPOTENCY["DELIVERY_LIMIT"]``, so a message killed on every delivery reaches it soon.
@@ -40,7 +40,7 @@ if os.environ.get("FAULTS_REPLICA") == "1":
     options["options"] = f"{options.get('options', '')} -c default_transaction_read_only=on".strip()
     replica["OPTIONS"] = options
     DATABASES["replica"] = replica
-    DATABASE_ROUTERS = ["tests.faults.routers.PrimaryReplicaRouter"]
+    DATABASE_ROUTERS = ["tests.routers.PrimaryReplicaRouter"]
 
 if limit := os.environ.get("FAULTS_DELIVERY_LIMIT"):
     IDEMPOTENCY = {**IDEMPOTENCY, "DELIVERY_LIMIT": int(limit)}

@@ -1,4 +1,5 @@
-"""A primary/replica router for the suite's processes (``FAULTS_REPLICA=1``)."""
+"""The primary/replica router of the tests (tests/replica.py) and of the fault suite's
+processes (``FAULTS_REPLICA=1``): no pytest here, worker processes import it."""
 
 from __future__ import annotations
 
