@@ -305,7 +305,15 @@ class IdempotentTask(DjangoTask):
             exc,
             extra={"consumer": self._consumer()},
         )
-        letter = deadletters.record(
+        if self._dead_letter(reason, exc, event, args, kwargs) is None:
+            self._give_back(exc)
+        raise _Decided(exc, requeue=False) from exc
+
+    def _dead_letter(
+        self, reason: str, exc: Exception, event: Any, args: Any, kwargs: Any, attempts: int = 1
+    ) -> Any:
+        """Store this delivery as a dead letter; None when it could not be stored."""
+        return deadletters.record(
             reason=reason,
             task_name=self.name,
             task_id=self.request.id or "",
@@ -314,10 +322,8 @@ class IdempotentTask(DjangoTask):
             kwargs=kwargs,
             exception=exc,
             traceback=_format(exc),
+            attempts=attempts,
         )
-        if letter is None:
-            self._give_back(exc)
-        raise _Decided(exc, requeue=False) from exc
 
     def _retry_or_fail(self, exc: Exception, event: Any, args: Any, kwargs: Any) -> NoReturn:
         if isinstance(exc, self.retry_for) and not isinstance(exc, self.dont_retry_for):
@@ -342,17 +348,8 @@ class IdempotentTask(DjangoTask):
 
     def _fail(self, exc: Exception, event: Any, args: Any, kwargs: Any) -> NoReturn:
         """A final failure: re-raised once its dead letter is stored, given back otherwise."""
-        letter = deadletters.record(
-            reason=deadletters.FAILED,
-            task_name=self.name,
-            task_id=self.request.id or "",
-            event_id=self._event_id([event]),
-            args=[event, *args],
-            kwargs=kwargs,
-            exception=exc,
-            traceback=_format(exc),
-            attempts=(self.request.retries or 0) + 1,
-        )
+        attempts = (self.request.retries or 0) + 1
+        letter = self._dead_letter(deadletters.FAILED, exc, event, args, kwargs, attempts)
         if letter is None:
             logger.error(
                 "%s[%s] failed for good, but its dead letter could not be stored: the message "
