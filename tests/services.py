@@ -137,12 +137,17 @@ def celery_worker(
             pytest.fail(f"the celery worker exited:\n{log.read_text()[-3000:]}", pytrace=False)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a warm shutdown), then SIGKILL if it is still running after 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def in_thread(target: Callable[[], None], errors: list[BaseException]) -> threading.Thread:

@@ -26,7 +26,7 @@ from rest_framework.authtoken.models import Token
 from idempotency.models import IdempotencyKey, OutboxMessage
 from tests.factories import CustomerFactory, ProductFactory, UserFactory, place_order_event
 from tests.outage import backends, outage_control
-from tests.services import ROOT, database_url, require_postgres, wait_for
+from tests.services import ROOT, database_url, require_postgres, stop_process, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -102,12 +102,7 @@ def gunicorn(tmp_path: Path, **extra_env: str) -> Iterator[Server]:
         wait_for(up, 60, f"gunicorn to serve (log: {log})")
         yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 @pytest.fixture
