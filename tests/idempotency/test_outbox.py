@@ -17,13 +17,6 @@ from idempotency.models import OutboxMessage
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _closed_breaker() -> Any:
-    outbox.publisher.reset()
-    yield
-    outbox.publisher.reset()
-
-
 @pytest.fixture
 def app() -> Any:
     """The Celery app, mocked, with the errors py-amqp's transport declares."""

@@ -19,13 +19,6 @@ from idempotency.models import OutboxMessage
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _closed_breaker() -> Any:
-    outbox.publisher.reset()
-    yield
-    outbox.publisher.reset()
-
-
 @pytest.fixture
 def broker() -> Any:
     """``send_task`` of a mocked Celery app that encodes like the real one (kombu's json)."""

@@ -32,13 +32,6 @@ pytestmark = pytest.mark.services
 FRONT_DOOR_BOUND = 3.0
 
 
-@pytest.fixture(autouse=True)
-def _closed_breaker() -> Iterator[None]:
-    outbox.publisher.reset()
-    yield
-    outbox.publisher.reset()
-
-
 @contextmanager
 def producing_to(url: str) -> Iterator[None]:
     """Point this process's Celery app at the broker *url* while the block runs."""
