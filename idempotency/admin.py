@@ -373,3 +373,4 @@ def _percent(count: int, busiest: int) -> int:
 
 # The other models' admins live in modules of their own; importing them registers them.
 from . import admin_http, admin_reliability  # noqa: E402, F401
+from .outbox import admin as outbox_admin  # noqa: E402, F401

@@ -14,6 +14,7 @@ from django.db import OperationalError
 from idempotency import deadletters
 from idempotency.celery import DeadLetterConsumer, idempotent_task
 from idempotency.models import DeadLetter, OutboxMessage, ProcessedEvent
+from tests.celery_app import mocked_celery_app
 
 pytestmark = pytest.mark.django_db
 
@@ -84,7 +85,7 @@ def test_redrive_after_a_fix(django_capture_on_commit_callbacks: Any) -> None:
     call_command("dead_letters", "list", stdout=out)
     assert f"{letter.pk:>6}" in out.getvalue()
     assert "1 dead letter(s) pending" in out.getvalue()
-    with mock.patch("idempotency.outbox.current_app") as app:
+    with mocked_celery_app() as app:
         with django_capture_on_commit_callbacks(execute=True):
             call_command("dead_letters", "redrive", str(letter.pk), stdout=StringIO())
         assert app.send_task.call_args.args == (flaky.name,)

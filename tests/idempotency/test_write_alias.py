@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import timedelta
 from io import StringIO
 from typing import Any
-from unittest import mock
 
 import pytest
 from django.core.management import call_command
@@ -17,6 +16,7 @@ from idempotency import deadletters
 from idempotency.celery import idempotent_task
 from idempotency.models import DeadLetter, DeliveryAttempt, IdempotencyKey, ProcessedEvent
 from idempotency.tasks import purge_processed_events
+from tests.celery_app import mocked_celery_app
 from tests.replica import Replica, uses_replica
 
 pytestmark = [pytest.mark.services, uses_replica]
@@ -40,7 +40,7 @@ def test_dead_letters_are_stored_and_redriven_on_the_primary(primary_replica: Re
     result = failing.apply(args=[{"eventId": "e-1"}])
     assert isinstance(result.result, ValueError)  # stored, so the failure is final
     assert DeadLetter.objects.count() == 2  # read back through the replica: committed
-    with mock.patch("idempotency.outbox.current_app"):
+    with mocked_celery_app():
         done, skipped = deadletters.redrive([letter])
     assert (len(done), skipped) == (1, [])
     assert DeadLetter.objects.get(pk=letter.pk).redriven_at is not None

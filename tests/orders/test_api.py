@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 
 from idempotency.models import OutboxMessage
 from orders.models import Order
+from tests.celery_app import mocked_celery_app
 from tests.factories import (
     LedgerEntryFactory,
     OrderFactory,
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def published() -> Any:
     """What reaches the broker: the outbox relay's ``send_task`` calls."""
-    with mock.patch("idempotency.outbox.current_app") as app:
+    with mocked_celery_app() as app:
         yield app.send_task
 
 

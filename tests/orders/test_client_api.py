@@ -23,6 +23,7 @@ from idempotency.models import IdempotencyKey, Outcome, ProcessedEvent
 from orders import client_api
 from orders.models import Order, Product
 from orders.tasks import place_order
+from tests.celery_app import mocked_celery_app
 from tests.factories import UserFactory
 from tests.services import in_thread, require_postgres
 
@@ -40,7 +41,7 @@ def worker() -> Iterator[mock.Mock]:
         assert name == place_order.name
         return place_order.apply(args=args, kwargs=kwargs, throw=True)
 
-    with mock.patch("idempotency.outbox.current_app") as app:
+    with mocked_celery_app() as app:
         app.send_task.side_effect = run
         yield app.send_task
 

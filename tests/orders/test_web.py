@@ -25,6 +25,7 @@ from idempotency.models import IdempotencyKey, OutboxMessage
 from orders import views
 from orders.parsers import MAX_DEPTH
 from project import middleware
+from tests.celery_app import mocked_celery_app
 from tests.factories import (
     CustomerFactory,
     OrderFactory,
@@ -60,7 +61,7 @@ def client(role: str) -> APIClient:
 
 @pytest.fixture
 def published() -> Iterator[mock.Mock]:
-    with mock.patch("idempotency.outbox.current_app") as app:
+    with mocked_celery_app() as app:
         yield app.send_task
 
 

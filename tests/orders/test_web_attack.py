@@ -11,6 +11,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from idempotency.models import IdempotencyKey, OutboxMessage
+from tests.celery_app import mocked_celery_app
 from tests.factories import CustomerFactory, ProductFactory, UserFactory, place_order_event
 from tests.orders.test_web import ORDER, client, problem
 
@@ -21,7 +22,7 @@ WRITES = ["/api/orders/", "/api/events/"]
 
 @pytest.fixture
 def published() -> Iterator[mock.Mock]:
-    with mock.patch("idempotency.outbox.current_app") as app:
+    with mocked_celery_app() as app:
         yield app.send_task
 
 

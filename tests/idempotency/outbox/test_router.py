@@ -13,6 +13,7 @@ from django.db import InternalError, connections, router, transaction
 
 from idempotency import outbox
 from idempotency.models import OutboxMessage
+from tests.celery_app import mocked_celery_app
 from tests.replica import Replica, uses_replica
 
 pytestmark = [pytest.mark.services, uses_replica]
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.services, uses_replica]
 
 @pytest.fixture
 def broker() -> Any:
-    with mock.patch("idempotency.outbox.current_app") as app:
+    with mocked_celery_app() as app:
         app.connection_for_write.return_value.connection_errors = ()
         app.connection_for_write.return_value.channel_errors = ()
         yield app.send_task

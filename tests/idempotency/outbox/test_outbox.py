@@ -13,6 +13,8 @@ from kombu.exceptions import OperationalError as BrokerDown
 
 from idempotency import outbox
 from idempotency.models import OutboxMessage
+from idempotency.outbox import publish
+from tests.celery_app import mocked_celery_app
 
 pytestmark = pytest.mark.django_db
 
@@ -22,7 +24,7 @@ def app() -> Any:
     """The Celery app, mocked, with the errors py-amqp's transport declares."""
     from kombu.transport.pyamqp import Transport
 
-    with mock.patch("idempotency.outbox.current_app") as app:
+    with mocked_celery_app() as app:
         app.connection_for_write.return_value.connection_errors = Transport.connection_errors
         app.connection_for_write.return_value.channel_errors = Transport.channel_errors
         yield app
@@ -368,7 +370,7 @@ def test_an_open_breaker_skips_the_attempt_until_its_cooldown_ends(
     ensure = app.connection_for_write.return_value.ensure_connection
     ensure.side_effect = BrokerDown("connection refused")
     clock = [1000.0]
-    with mock.patch("idempotency.outbox.time.monotonic", side_effect=lambda: clock[0]):
+    with mock.patch("idempotency.outbox.publish.time.monotonic", side_effect=lambda: clock[0]):
         with django_capture_on_commit_callbacks(execute=True):
             outbox.enqueue("t.name", [1])
         assert ensure.call_count == 1
@@ -396,7 +398,7 @@ def test_a_kept_connection_that_died_is_replaced_once(
     with django_capture_on_commit_callbacks(execute=True):
         outbox.enqueue("t.name", [2])
     assert OutboxMessage.objects.get(args=[2]).published_at is not None
-    assert not outbox.publisher.is_open(outbox._broker_key())
+    assert not outbox.publisher.is_open(publish._broker_key())
 
 
 @pytest.mark.django_db(transaction=True)

@@ -15,6 +15,7 @@ from django.db import transaction
 from idempotency import outbox
 from idempotency.exceptions import InvalidEvent
 from idempotency.models import OutboxMessage
+from tests.celery_app import mocked_celery_app
 
 pytestmark = pytest.mark.django_db
 
@@ -25,7 +26,7 @@ def broker() -> Any:
     from kombu.serialization import dumps
     from kombu.transport.pyamqp import Transport
 
-    with mock.patch("idempotency.outbox.current_app") as app:
+    with mocked_celery_app() as app:
         app.connection_for_write.return_value.connection_errors = Transport.connection_errors
         app.connection_for_write.return_value.channel_errors = Transport.channel_errors
 

@@ -24,6 +24,8 @@ from kombu import Connection, Exchange, Queue, pools
 
 from idempotency import outbox
 from idempotency.models import OutboxMessage
+from idempotency.outbox import publish
+from tests.celery_app import mocked_celery_app
 from tests.services import BROKERS, in_thread, require_broker, require_postgres
 
 pytestmark = pytest.mark.services
@@ -205,7 +207,7 @@ def test_bad_rows_are_set_aside_on_rabbitmq(destination: tuple[str, str]) -> Non
     assert "struct.error" in failed["bad priority"].last_error
     assert all(m.attempts == 2 for m in failed.values())
     # The immediate publish went well for the good rows: the breaker stays closed.
-    assert not outbox.publisher.is_open(outbox._broker_key())
+    assert not outbox.publisher.is_open(publish._broker_key())
 
 
 # --- The relay under a database outage -------------------------------------------------------
@@ -264,7 +266,7 @@ def test_relay_forever_survives_a_database_outage() -> None:
 
     err = StringIO()
     with (
-        mock.patch("idempotency.outbox.current_app") as app,
+        mocked_celery_app() as app,
         mock.patch("idempotency.management.commands.relay_outbox.time.sleep", sleep),
     ):
         try:

@@ -1,0 +1,177 @@
+"""The app's public import paths and its layout by capability.
+
+Every name the documentation imports must keep importing, wherever the code behind it lives;
+the models of each capability must register as "idempotency" models through
+``idempotency.models``, with the optional extras (Celery, DRF) absent.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+
+#: ``from idempotency.x import a, b`` (one line or parenthesised over several).
+FROM_IMPORT = re.compile(r"^\s*from (idempotency(?:\.\w+)*) import (\([^)]*\)|[^\n]+)", re.M)
+#: ``idempotency.x.y`` in prose or code; not a system check id (``idempotency.E001``).
+DOTTED = re.compile(r"\bidempotency(?:\.(?![EW]\d{3}\b)[A-Za-z_]\w*)+")
+#: ``outbox.enqueue(...)`` after ``from idempotency import outbox``: the module's names in use.
+MODULE_ATTRIBUTE = r"(?<![\w.]){module}\.([A-Za-z_]\w*)\("
+
+
+def documented_names() -> set[str]:
+    """Every ``idempotency`` name the README and docs/*.md import or cite, dotted."""
+    names: set[str] = set()
+    for document in DOCUMENTS:
+        text = document.read_text(encoding="utf-8")
+        for module, imported in FROM_IMPORT.findall(text):
+            for alias in imported.strip("()").split(","):
+                name = alias.split(" as ")[0].strip()
+                if not name:
+                    continue
+                names.add(f"{module}.{name}")
+                if module == "idempotency":
+                    for attribute in re.findall(MODULE_ATTRIBUTE.format(module=name), text):
+                        names.add(f"{module}.{name}.{attribute}")
+        names.update(match.rstrip(".") for match in DOTTED.findall(text))
+    return names
+
+
+def resolve(dotted: str) -> Any:
+    """The object *dotted* names: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not dotted.startswith(exc.name):
+                raise
+            continue
+        for attribute in parts[split:]:
+            found = getattr(found, attribute)
+        return found
+    raise ModuleNotFoundError(dotted)
+
+
+def test_the_documentation_is_parsed_for_the_names_it_imports() -> None:
+    names = documented_names()
+    # The primitives every guide starts from; if the parsing missed these it misses others.
+    assert {
+        "idempotency.inbox.idempotent",
+        "idempotency.http.idempotent_request",
+        "idempotency.outbox.enqueue",
+        "idempotency.celery.idempotent_task",
+        "idempotency.models.IdempotencyKey",
+        "idempotency.models.retention_cutoffs",
+    } <= names
+    assert not any(re.search(r"\.[EW]\d{3}$", name) for name in names)
+
+
+@pytest.mark.parametrize("dotted", sorted(documented_names()))
+def test_every_documented_name_imports(dotted: str) -> None:
+    assert resolve(dotted) is not None
+
+
+@pytest.mark.parametrize(
+    "dotted",
+    [
+        "idempotency.inbox.idempotent",
+        "idempotency.http.idempotent_request",
+        "idempotency.outbox.enqueue",
+        "idempotency.models.ProcessedEvent",
+        "idempotency.models.IdempotencyKey",
+        "idempotency.models.OutboxMessage",
+        "idempotency.models.DeadLetter",
+        "idempotency.models.DeliveryAttempt",
+    ],
+)
+def test_the_public_paths_stay_put(dotted: str) -> None:
+    assert resolve(dotted) is not None
+
+
+def test_a_capability_exports_what_it_lists() -> None:
+    from idempotency import outbox
+
+    for name in outbox.__all__:
+        assert getattr(outbox, name) is not None, name
+    assert set(outbox.__all__) == set(outbox._PUBLIC)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        outbox.no_such_name  # noqa: B018
+
+
+def test_the_models_register_under_the_app_label_with_their_tables() -> None:
+    from django.apps import apps
+
+    from idempotency import models
+
+    registered = {
+        model.__name__: model for model in apps.get_app_config("idempotency").get_models()
+    }
+    assert set(registered) == {
+        "ProcessedEvent",
+        "IdempotencyKey",
+        "OutboxMessage",
+        "DeadLetter",
+        "DeliveryAttempt",
+    }
+    for name, model in registered.items():
+        assert getattr(models, name) is model
+        assert model._meta.app_label == "idempotency"
+        assert model._meta.db_table == f"idempotency_{name.lower()}"
+
+
+WITHOUT_EXTRAS = """
+import sys
+sys.modules["celery"] = None  # importing them raises ImportError
+sys.modules["rest_framework"] = None
+import django
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS=[
+        "django.contrib.admin", "django.contrib.auth", "django.contrib.contenttypes",
+        "django.contrib.messages", "django.contrib.sessions", "idempotency",
+    ],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+)
+django.setup()
+from django.apps import apps
+from django.contrib import admin
+import idempotency.admin
+import idempotency.outbox
+print(sorted(m.__name__ for m in apps.get_app_config("idempotency").get_models()))
+print(sorted(m.__name__ for m in admin.site._registry if m._meta.app_label == "idempotency"))
+"""
+
+
+def test_the_models_and_admin_load_without_celery_or_drf() -> None:
+    """Celery and DRF are optional extras: an inbox-only project must still start."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRAS],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    models, admins = (ast.literal_eval(line) for line in done.stdout.splitlines())
+    assert models == [
+        "DeadLetter",
+        "DeliveryAttempt",
+        "IdempotencyKey",
+        "OutboxMessage",
+        "ProcessedEvent",
+    ]
+    assert admins == ["DeadLetter", "IdempotencyKey", "OutboxMessage", "ProcessedEvent"]
