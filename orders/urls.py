@@ -5,6 +5,8 @@ from . import client_api, views
 app_name = "orders"
 
 urlpatterns = [
+    # What scripts/run.sh advertises: a map of the endpoints below (and the schema's).
+    path("", views.ApiRootView.as_view(), name="api-root"),
     path("events/", views.EventView.as_view(), name="events"),
     path("events/<str:event_id>/", views.EventStatusView.as_view(), name="event-status"),
     # GET lists the orders; POST places one (with an Idempotency-Key).

@@ -14,6 +14,7 @@ from rest_framework import generics, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
 from idempotency import outbox
@@ -31,6 +32,39 @@ from .serializers import (
 )
 
 MAX_BATCH = 500
+
+
+class ApiRootView(APIView):
+    """What the API serves: one absolute link per endpoint (the address ``make run`` prints)."""
+
+    @extend_schema(
+        responses={200: OpenApiTypes.OBJECT},
+        description="The endpoints, by name, as absolute URLs; `{...}` marks a path parameter.",
+    )
+    def get(self, request: Request) -> Response:
+        def link(name: str, **kwargs: str) -> str:
+            # Templated links keep their braces readable instead of percent-encoded.
+            return (
+                reverse(name, kwargs=kwargs, request=request)
+                .replace("%7B", "{")
+                .replace("%7D", "}")
+            )
+
+        return Response(
+            {
+                "events": link("orders:events"),
+                "eventStatus": link("orders:event-status", event_id="{eventId}"),
+                "orders": link("orders:orders"),
+                "orderRequest": link(
+                    "orders:order-request", request_id="00000000-0000-0000-0000-000000000000"
+                ).replace("00000000-0000-0000-0000-000000000000", "{requestId}"),
+                "order": link("orders:order-detail", order_id="{orderId}"),
+                "product": link("orders:product-detail", product_id="{productId}"),
+                "customer": link("orders:customer-detail", customer_id="{customerId}"),
+                "schema": link("schema"),
+                "docs": link("api-docs"),
+            }
+        )
 
 
 def validate_event(data: Any) -> tuple[dict[str, Any], Any]:

@@ -1,0 +1,176 @@
+"""The README's and the docs' shell commands, pasted as written, against a live `make run`.
+
+Every ```sh block that talks to the example service (it names http://127.0.0.1:8000) is run in
+order, one bash per file so a variable set in one block serves the next, with ``set -e``: the
+examples use ``curl -f``, so an answer of 401, 403 or 404 fails the block. The server is
+scripts/run.sh (what `make run` runs) on the embedded defaults, in a directory of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.services import ROOT, wait_for
+
+SERVICE = "http://127.0.0.1:8000"
+BLOCK = re.compile(r"^```sh\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+DOCUMENTS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.md"))]
+
+
+def service_blocks(document: str) -> list[str]:
+    return [b for b in BLOCK.findall((ROOT / document).read_text()) if SERVICE in b]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Service:
+    def __init__(self, port: int, env: dict[str, str], log: Path) -> None:
+        self.port, self.env, self.log = port, env, log
+
+    def run(self, script: str) -> subprocess.CompletedProcess[str]:
+        script = script.replace(SERVICE, f"http://127.0.0.1:{self.port}")
+        return subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    def get(self, path: str, token: str) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": f"Token {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+
+
+def answers(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/", timeout=2)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401  # up, and asking for a token
+    except OSError:
+        return False
+    return False
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    var = tmp_path_factory.mktemp("make-run")
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    env.update(VAR_DIR=str(var), PORT=str(port), HOST="127.0.0.1", PATH=f"{ROOT / '.venv/bin'}:"
+               + env.get("PATH", ""))  # fmt: skip
+    log = var / "run.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["bash", "scripts/run.sh"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the worker, the relay and the server: one group to stop
+        )
+    try:
+        wait_for(
+            lambda: process.poll() is not None or answers(port),
+            180,
+            f"make run's server to answer (log: {log})",
+            interval=0.5,
+        )
+        if process.poll() is not None:
+            pytest.fail(f"scripts/run.sh exited:\n{log.read_text()[-3000:]}", pytrace=False)
+        yield Service(port, env, log)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def token(service: Service) -> str:
+    done = service.run(
+        ".venv/bin/python manage.py drf_create_token admin | cut -d' ' -f3"
+    )  # the README's own way
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_documents_have_commands_to_run() -> None:
+    assert len(service_blocks("README.md")) >= 3
+    assert service_blocks("docs/http.md")
+
+
+def test_the_readme_commands_run_as_written_and_do_what_it_says(service: Service) -> None:
+    done = service.run("\n".join(service_blocks("README.md")))
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{service.log.read_text()[-3000:]}"
+    assert '"status":"accepted"' in done.stdout
+    key = token(service)
+    # What the README promises once the worker applied its events.
+    wait_for(
+        lambda: service.get("/api/orders/ORD-2/", key)[1].get("status") == "shipped",
+        120,
+        "ORD-2 placed, paid and shipped",
+        interval=0.5,
+    )
+    # ORD-1 took 2 of PROD-A's 100, the order placed with an Idempotency-Key 1 more; ORD-2 one
+    # PROD-B of 50; the debit 10.00 of CUST-1's 500.00.
+    wait_for(
+        lambda: service.get("/api/products/PROD-A/", key)[1].get("stock") == 97,
+        120,
+        "PROD-A's stock at 97",
+        interval=0.5,
+    )
+    assert service.get("/api/products/PROD-B/", key)[1]["stock"] == 49
+    assert service.get("/api/customers/CUST-1/", key)[1]["balance"] == "490.00"
+    assert service.get("/api/orders/ORD-1/", key)[1]["status"] == "accepted"
+
+
+def test_the_http_guide_commands_run_as_written(service: Service) -> None:
+    done = service.run("\n".join(service_blocks("docs/http.md")))
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    # The replayed Location, echoed (after the first body, which ends in no newline); then the
+    # outcome polled from it.
+    assert re.search(r"}/api/orders/requests/[0-9a-f-]{36}/\n{", done.stdout), done.stdout
+    assert '"status":"accepted","reason":"","order":' in done.stdout
+    assert "idempotency-key-reused" in done.stdout
+    assert done.stdout.endswith("}400\n")  # no key: 400
+
+
+def test_a_wrong_token_fails_the_commands(service: Service) -> None:
+    """The check can fail: the same README block with a token that is not one stops at a 401."""
+    block = service_blocks("README.md")[0].replace(
+        "TOKEN=$(.venv/bin/python manage.py drf_create_token admin | cut -d' ' -f3)",
+        "TOKEN=not-a-token",
+    )
+    done = service.run(block)
+    assert done.returncode != 0
+    assert "401" in done.stderr
