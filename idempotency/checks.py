@@ -1,6 +1,6 @@
 """System checks, namespaced ``idempotency.E00x`` / ``idempotency.W00x``. Ids are never reused.
 
-In use: E001-E009, W001-W005.
+In use: E001-E010, W001-W007.
 """
 
 from __future__ import annotations
@@ -426,4 +426,100 @@ def check_unique_constraint(
                     id="idempotency.E006",
                 )
             )
+    return messages
+
+
+# --- The outbox reconciler: E010, W006, W007 ----------------------------------------------------
+
+
+@register("idempotency")
+def check_reconciler(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The reconciler's horizon against what may legitimately delay an outcome, and its whole
+    window against how far back it may look (the retention) and the declared horizon."""
+    from .outbox.reconciling import span
+
+    try:
+        after = app_settings.RECONCILE_AFTER
+        republishes = app_settings.RECONCILE_REPUBLISHES
+        retention = app_settings.RETENTION
+        overrides = app_settings.CONSUMER_RETENTION
+        declared = app_settings.REDELIVERY_HORIZON
+    except IdempotencyConfigurationError:
+        return []  # reported as E001
+    messages: list[CheckMessage] = []
+    if after is not None and (not isinstance(after, timedelta) or after <= timedelta(0)):
+        messages.append(
+            Error(
+                f"IDEMPOTENCY['RECONCILE_AFTER'] must be a positive timedelta or None, "
+                f"not {after!r}",
+                id="idempotency.E010",
+            )
+        )
+    if isinstance(republishes, bool) or not isinstance(republishes, int) or republishes < 0:
+        messages.append(
+            Error(
+                f"IDEMPOTENCY['RECONCILE_REPUBLISHES'] must be an integer of 0 or more, "
+                f"not {republishes!r}",
+                id="idempotency.E010",
+            )
+        )
+    if messages or after is None:
+        return messages
+    app = _celery_app()
+    waits: list[Horizon] = []
+    if app is not None:
+        broker = broker_horizon(app)
+        if broker is not None:
+            waits.append(broker)
+        waits.extend(
+            retry_horizon(app, task)
+            for _name, task in sorted(app.tasks.items())
+            if getattr(task, "idempotent", False) is True
+        )
+    if waits:
+        longest = max(waits, key=lambda h: h.delay)
+        if after < longest.delay:
+            messages.append(
+                Warning(
+                    f"IDEMPOTENCY['RECONCILE_AFTER'] ({after}) is shorter than "
+                    f"{longest.source}: the outbox reconciler republishes messages that the "
+                    "broker still holds or whose task is still retrying. Each is a duplicate "
+                    "the inbox discards, but a retrying event then runs its retries twice, and "
+                    "one still retrying after every republish is marked failed.",
+                    hint="Raise RECONCILE_AFTER above the broker's visibility timeout and the "
+                    "tasks' retry spans.",
+                    id="idempotency.W006",
+                )
+            )
+    window = span(after, republishes)
+    limits = [("RETENTION", retention)]
+    if isinstance(overrides, dict):
+        limits += [(f"CONSUMER_RETENTION[{name!r}]", value) for name, value in overrides.items()]
+    for label, value in limits:
+        if isinstance(value, timedelta) and value > timedelta(0) and window + after > value:
+            messages.append(
+                Warning(
+                    f"the outbox reconciler's last check comes {window} after a message's "
+                    f"publish (RECONCILE_AFTER {after}, RECONCILE_REPUBLISHES {republishes}), "
+                    f"past what IDEMPOTENCY[{label}] ({value}) lets it look back: it never "
+                    "looks at a message older than the retention less RECONCILE_AFTER (its "
+                    "inbox record may be purged), so one that never gets an outcome is closed "
+                    "unchecked instead of marked failed.",
+                    hint="Shorten RECONCILE_AFTER or RECONCILE_REPUBLISHES, or keep records "
+                    "longer.",
+                    id="idempotency.W007",
+                )
+            )
+    last_republish = span(after, republishes - 1) if republishes else None
+    if isinstance(declared, timedelta) and last_republish and last_republish > declared:
+        messages.append(
+            Warning(
+                f"the outbox reconciler republishes a message up to {last_republish} after its "
+                f"first publish, later than IDEMPOTENCY['REDELIVERY_HORIZON'] ({declared}) "
+                "says any producer publishes an event again.",
+                hint="Raise REDELIVERY_HORIZON to cover it (and keep the retention above it), "
+                "or shorten RECONCILE_AFTER or RECONCILE_REPUBLISHES.",
+                id="idempotency.W007",
+            )
+        )
     return messages

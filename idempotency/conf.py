@@ -67,6 +67,15 @@ DEFAULTS: dict[str, Any] = {
     # After a failed immediate publish, how long later commits skip it (a circuit breaker) and
     # leave their messages to the relay.
     "PUBLISH_BREAKER_COOLDOWN": timedelta(seconds=15),
+    # The outbox reconciler: how long after its publish a message whose event shows no outcome
+    # (no inbox record, no dead letter) is published again, each later check waiting twice as
+    # long. Longer than a message may legitimately wait: the broker's visibility timeout, a
+    # backlog, the task's retries (a message queued behind a backlog is republished too, a
+    # duplicate the inbox discards). None: no reconciling.
+    "RECONCILE_AFTER": timedelta(hours=1),
+    # Republishes of one message before the reconciler gives up and marks it failed (with the
+    # reason, re-drivable like any failed outbox message). 0: mark it failed at the first check.
+    "RECONCILE_REPUBLISHES": 3,
 }
 
 MISMATCH_POLICIES = ("raise", "discard")

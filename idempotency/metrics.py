@@ -9,6 +9,8 @@ metric                                         labels     counts
 ``idempotency_duplicates_discarded_total``     consumer   duplicate deliveries skipped
 ``idempotency_payload_mismatches_total``       consumer   duplicates whose payload differed
 ``idempotency_records_purged_total``           (none)     records deleted by purges
+``idempotency_outbox_republished_total``       consumer   outbox messages sent again: no outcome
+``idempotency_outbox_unresolved_total``        consumer   outbox messages the reconciler failed
 =============================================  =========  ====================================
 
 A claim's counters move when its transaction commits, so a rolled-back attempt (retried later)
@@ -35,6 +37,18 @@ METRICS = (
     (signals.duplicate_discarded, "idempotency_duplicates_discarded", "Duplicates skipped", True),
     (signals.payload_mismatch, "idempotency_payload_mismatches", "Reused ids, new payload", True),
     (signals.events_purged, "idempotency_records_purged", "Records deleted by purges", False),
+    (
+        signals.outbox_republished,
+        "idempotency_outbox_republished",
+        "Outbox messages published again: no outcome of their event seen",
+        True,
+    ),
+    (
+        signals.outbox_unresolved,
+        "idempotency_outbox_unresolved",
+        "Outbox messages marked failed: no outcome after every republish",
+        True,
+    ),
 )
 
 _counters: dict[str, Any] = {}

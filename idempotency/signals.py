@@ -24,3 +24,12 @@ event_rejected = Signal()
 #: Arguments: ``sender`` (ProcessedEvent class), ``count`` (records deleted by the batch),
 #: ``using`` (the database alias).
 events_purged = Signal()
+
+#: Sent by the outbox reconciler for a message it published again because no outcome of its
+#: event was seen, inside the transaction that records the republish.
+#: Arguments: ``sender`` (OutboxMessage class), ``consumer``, ``count``, ``using``.
+outbox_republished = Signal()
+
+#: Sent by the outbox reconciler for a message it marked failed: still no outcome after
+#: ``RECONCILE_REPUBLISHES`` republishes. Arguments as for :data:`outbox_republished`.
+outbox_unresolved = Signal()

@@ -70,3 +70,23 @@ def relay_outbox(batch_size: int = 100) -> int:
     from . import outbox
 
     return outbox.relay(batch_size=batch_size, quiet=True)
+
+
+@shared_task(name="idempotency.tasks.reconcile_outbox", ignore_result=True)
+def reconcile_outbox(batch_size: int = 100) -> int:
+    """Publish again the published outbox messages whose event shows no outcome after
+    ``RECONCILE_AFTER``; the number republished.
+
+    What ``relay_outbox --forever`` does every ``--reconcile-every`` seconds, for a project
+    that relays with the beat task only. Two at once share the rows (``SKIP LOCKED``).
+    """
+    from . import outbox
+
+    result = outbox.reconcile(batch_size=batch_size)
+    if result.checked or result.outage is not None:
+        logger.info("outbox reconcile: %s", result.summary())
+    if result.outage is not None:
+        logger.warning(
+            "outbox reconcile stopped: %s; the next run goes on", outbox.describe(result.outage)
+        )
+    return result.republished

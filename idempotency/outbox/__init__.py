@@ -17,7 +17,8 @@ the router's write alias. See docs/outbox.md.
 
 Where each part lives: :mod:`.store` (``enqueue``), :mod:`.publish` (the immediate publish
 and its breaker, ``publisher``), :mod:`.relaying` (``relay``, ``relay_messages``),
-:mod:`.models` (``OutboxMessage``), :mod:`.admin`.
+:mod:`.reconciling` (``reconcile``: a published message whose event shows no outcome is
+published again), :mod:`.models` (``OutboxMessage``), :mod:`.admin`.
 
 The names below are loaded on first use: ``idempotency.models`` imports
 ``idempotency.outbox.models``, which runs this file, and that must work without Celery (an
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .publish import IDLE_CONNECTIONS, publish_now, publisher
+    from .reconciling import Reconciled, reconcile
     from .relaying import Relayed, describe, is_outage, relay, relay_messages
     from .store import enqueue
 
@@ -45,16 +47,20 @@ _PUBLIC = {
     "is_outage": ".relaying",
     "relay": ".relaying",
     "relay_messages": ".relaying",
+    "Reconciled": ".reconciling",
+    "reconcile": ".reconciling",
 }
 
 __all__ = [
     "IDLE_CONNECTIONS",
+    "Reconciled",
     "Relayed",
     "describe",
     "enqueue",
     "is_outage",
     "publish_now",
     "publisher",
+    "reconcile",
     "relay",
     "relay_messages",
 ]

@@ -23,6 +23,8 @@ class OutboxStatusFilter(admin.SimpleListFilter):
             ("pending", _("pending")),
             ("published", _("published")),
             ("failed", _("failed (needs a re-drive)")),
+            ("republished", _("republished (no outcome was seen)")),
+            ("unchecked", _("published, outcome not seen yet")),
         ]
 
     def queryset(
@@ -35,6 +37,10 @@ class OutboxStatusFilter(admin.SimpleListFilter):
             return queryset.filter(published_at__isnull=False)
         if value == "failed":
             return queryset.failed()  # type: ignore[attr-defined]
+        if value == "republished":
+            return queryset.filter(republished__gt=0)
+        if value == "unchecked":
+            return queryset.unreconciled()  # type: ignore[attr-defined]
         return queryset
 
 
@@ -48,6 +54,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         "status",
         "published_at",
         "attempts",
+        "republished",
         "error",
     )
     list_filter = (OutboxStatusFilter, "task_name", "failed_at")

@@ -19,15 +19,20 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
         """Refused for a reason that will not go away by itself (see ``last_error``)."""
         return self.filter(published_at__isnull=True, failed_at__isnull=False)
 
+    def unreconciled(self) -> OutboxMessageQuerySet:
+        """Published, and no outcome of their event seen yet by the reconciler."""
+        return self.filter(published_at__isnull=False, reconciled_at__isnull=True)
+
     def redrive(self) -> int:
         """Put the failed messages among these back in the relay's queue; the number.
 
         Clears ``failed_at`` on the write alias and keeps ``last_error`` and ``attempts``, so
         a message that fails again shows its history. Fix the cause first (a queue missing
-        from the settings, a bad option), or it is set aside again at its next publish.
+        from the settings, a bad option), or it is set aside again at its next publish. One
+        the reconciler set aside gets its republishes back.
         """
         using = getattr(self, "_db", None) or router.db_for_write(self.model) or DEFAULT_DB_ALIAS
-        return self.using(using).failed().update(failed_at=None)
+        return self.using(using).failed().update(failed_at=None, republished=0)
 
     def purge_published(self, *, before: datetime, batch_size: int = 1000) -> int:
         """Delete the messages published before *before*, a batch per transaction."""
@@ -54,7 +59,12 @@ class OutboxMessage(models.Model):
     options = models.JSONField(_("publish options"), default=dict, blank=True)
     event_id = models.CharField(_("event id"), max_length=255, blank=True, db_index=True)
     created_at = models.DateTimeField(_("stored at"), default=timezone.now)
-    published_at = models.DateTimeField(_("published at"), null=True, blank=True)
+    published_at = models.DateTimeField(
+        _("published at"),
+        null=True,
+        blank=True,
+        help_text=_("The last publish: the reconciler's republish moves it."),
+    )
     attempts = models.PositiveIntegerField(_("publish attempts"), default=0)
     last_error = models.TextField(_("last error"), blank=True)
     failed_at = models.DateTimeField(
@@ -62,6 +72,20 @@ class OutboxMessage(models.Model):
         null=True,
         blank=True,
         help_text=_("Set when a publish failed for a reason retrying cannot fix; re-drive it."),
+    )
+    reconciled_at = models.DateTimeField(
+        _("reconciled at"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "When the reconciler closed the row: its event's outcome seen, or nothing here "
+            "able to tell it (see the log)."
+        ),
+    )
+    republished = models.PositiveIntegerField(
+        _("republished"),
+        default=0,
+        help_text=_("Times the reconciler published it again: no outcome of its event was seen."),
     )
 
     objects = OutboxMessageQuerySet.as_manager()
@@ -75,6 +99,12 @@ class OutboxMessage(models.Model):
                 fields=["id"],
                 name="idempotency_outbox_pending",
                 condition=models.Q(published_at__isnull=True),
+            ),
+            # The reconciler's scan: the published rows whose outcome it has not seen yet.
+            models.Index(
+                fields=["published_at", "id"],
+                name="idempotency_outbox_unchecked",
+                condition=models.Q(published_at__isnull=False, reconciled_at__isnull=True),
             ),
         ]
 

@@ -358,3 +358,77 @@ def test_an_absurd_retry_count_is_unbounded(celery_app: Celery) -> None:
     assert checks.retry_horizon(celery_app, celery_app.tasks["checks.absurd"]).delay == (
         checks.UNBOUNDED
     )
+
+
+# --- The outbox reconciler: E010, W006, W007 ----------------------------------------------------
+
+
+def reconciler_checks(**idempotency: Any) -> list[Any]:
+    from idempotency.checks import check_reconciler
+
+    with override_settings(IDEMPOTENCY=idempotency):
+        return check_reconciler()
+
+
+def test_the_project_reconciler_settings_are_clean() -> None:
+    from idempotency.checks import check_reconciler
+
+    assert check_reconciler() == []
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"RECONCILE_AFTER": timedelta(0)},
+        {"RECONCILE_AFTER": timedelta(seconds=-1)},
+        {"RECONCILE_AFTER": 3600},
+        {"RECONCILE_REPUBLISHES": -1},
+        {"RECONCILE_REPUBLISHES": True},
+        {"RECONCILE_REPUBLISHES": 10**30 * 1.0},
+        {"RECONCILE_REPUBLISHES": "3"},
+    ],
+)
+def test_bad_reconciler_settings_are_e010(setting: dict[str, Any]) -> None:
+    messages = reconciler_checks(**setting)
+    assert ids(messages) == ["idempotency.E010"]
+    assert all(isinstance(m, Error) for m in messages)
+
+
+def test_a_horizon_shorter_than_the_visibility_timeout_is_w006(celery_app: Celery) -> None:
+    celery_app.conf.broker_url = "redis://127.0.0.1:6379/0"
+    (message,) = reconciler_checks(RECONCILE_AFTER=timedelta(minutes=30))
+    assert message.id == "idempotency.W006"
+    assert "the redis transport's default visibility_timeout (1:00:00)" in message.msg
+    assert reconciler_checks(RECONCILE_AFTER=timedelta(hours=2)) == []
+    assert reconciler_checks(RECONCILE_AFTER=None) == []  # off: nothing to contradict
+
+
+def test_a_horizon_shorter_than_a_tasks_retries_is_w006(celery_app: Celery) -> None:
+    @celery_app.task(
+        shared=False, name="checks.slow", idempotent=True, max_retries=10, default_retry_delay=600
+    )
+    def slow(event: Any) -> None:
+        pass
+
+    (message,) = reconciler_checks(RECONCILE_AFTER=timedelta(hours=1))
+    assert message.id == "idempotency.W006"
+    assert "task 'checks.slow'" in message.msg
+
+
+def test_a_window_past_the_retention_is_w007(celery_app: Celery) -> None:
+    # Checks at 1, 2, 4 and 8 hours after each publish: the last 15 h after the first.
+    (message,) = reconciler_checks(RETENTION=timedelta(hours=12))
+    assert message.id == "idempotency.W007"
+    assert "15:00:00 after a message's publish" in message.msg
+    assert "IDEMPOTENCY[RETENTION] (12:00:00)" in message.msg
+    assert reconciler_checks(RETENTION=timedelta(hours=17)) == []
+    (own,) = reconciler_checks(CONSUMER_RETENTION={"orders.quick": timedelta(hours=2)})
+    assert "CONSUMER_RETENTION['orders.quick']" in own.msg
+
+
+def test_republishing_past_the_declared_redelivery_horizon_is_w007(celery_app: Celery) -> None:
+    (message,) = reconciler_checks(REDELIVERY_HORIZON=timedelta(hours=6))
+    assert message.id == "idempotency.W007"
+    assert "up to 7:00:00 after its first publish" in message.msg
+    assert reconciler_checks(REDELIVERY_HORIZON=timedelta(hours=7)) == []
+    assert reconciler_checks(REDELIVERY_HORIZON=timedelta(hours=1), RECONCILE_REPUBLISHES=0) == []

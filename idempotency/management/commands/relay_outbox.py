@@ -1,4 +1,5 @@
-"""Publish the outbox's pending messages: once, or continuously as a relay process."""
+"""Publish the outbox's pending messages: once, or continuously as a relay process; and
+reconcile: publish again a published message whose event shows no outcome."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ class Command(BaseCommand):
         "Publish pending outbox messages to the broker. With --forever it keeps relaying, "
         "waiting --interval seconds when there is nothing to do, and longer (up to 30 s) while "
         "the broker or the database is away. A message refused for good is marked failed and "
-        "skipped; --retry-failed puts the failed messages back first."
+        "skipped; --retry-failed puts the failed messages back first. --forever also "
+        "reconciles every --reconcile-every seconds (--reconcile: once, after relaying): a "
+        "published message whose event has, after RECONCILE_AFTER, neither an inbox record "
+        "nor a dead letter is published again."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -37,6 +41,17 @@ class Command(BaseCommand):
             action="store_true",
             help="re-drive the messages marked failed (clear failed_at) before relaying",
         )
+        parser.add_argument(
+            "--reconcile",
+            action="store_true",
+            help="after relaying, republish the published messages with no outcome (once)",
+        )
+        parser.add_argument(
+            "--reconcile-every",
+            type=float,
+            default=60.0,
+            help="with --forever: seconds between reconcile runs (0: never; default 60)",
+        )
 
     def handle(  # type: ignore[no-untyped-def]
         self,
@@ -45,6 +60,8 @@ class Command(BaseCommand):
         interval: float,
         batch_size: int,
         retry_failed: bool,
+        reconcile: bool,
+        reconcile_every: float,
         **options: Any,
     ):
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
@@ -53,6 +70,8 @@ class Command(BaseCommand):
             raise CommandError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}")
         if not (0 < interval <= 86_400):  # also refuses nan; inf cannot be slept
             raise CommandError("--interval must be a positive number of seconds, at most 86400")
+        if not (0 <= reconcile_every <= 86_400):
+            raise CommandError("--reconcile-every must be a number of seconds from 0 to 86400")
         self.alias = router.db_for_write(OutboxMessage)
         if retry_failed:
             self._retry_failed()
@@ -62,10 +81,20 @@ class Command(BaseCommand):
                 raise CommandError(
                     f"the broker is unavailable: {outbox.describe(result.outage)}"
                 ) from result.outage
+            if reconcile:
+                checked = self._reconcile_once(batch_size)
+                if checked.outage is not None:
+                    raise CommandError(
+                        f"the broker is unavailable: {outbox.describe(checked.outage)}"
+                    ) from checked.outage
             return
-        self.stdout.write(f"relaying the outbox every {interval:g}s (Ctrl-C stops)")
+        self.stdout.write(
+            f"relaying the outbox every {interval:g}s"
+            + (f", reconciling every {reconcile_every:g}s" if reconcile_every else "")
+            + " (Ctrl-C stops)"
+        )
         try:
-            self._forever(batch_size, interval)
+            self._forever(batch_size, interval, reconcile_every)
         except KeyboardInterrupt:
             self.stdout.write("stopped")
 
@@ -74,10 +103,16 @@ class Command(BaseCommand):
         logger.warning("outbox: %d failed message(s) re-driven by relay_outbox", redriven)
         self.stdout.write(f"re-drove {redriven} failed message(s)")
 
-    def _forever(self, batch_size: int, interval: float) -> None:
+    def _forever(self, batch_size: int, interval: float, reconcile_every: float) -> None:
         wait = interval
+        next_check = time.monotonic()
         while True:
             try:
+                if reconcile_every and time.monotonic() >= next_check:
+                    # Due again after the interval whatever this run meets: a database or
+                    # broker outage is the relay's to wait out, not the reconciler's.
+                    next_check = time.monotonic() + reconcile_every
+                    self._reconcile_once(batch_size, report_idle=False)
                 result = self._relay_once(batch_size, report_idle=False)
             except DatabaseError as exc:
                 # Django reconnects on the next query once the broken connection is closed.
@@ -122,5 +157,19 @@ class Command(BaseCommand):
                 f"{time.monotonic() - started:.2f}s; {pending} pending, {failed} failed"
                 + (f" ({result.failed} set aside just now)" if result.failed else "")
                 + (f"; {result.held} could not be published, see last_error" if result.held else "")
+            )
+        return result
+
+    def _reconcile_once(self, batch_size: int, *, report_idle: bool = True) -> outbox.Reconciled:
+        started = time.monotonic()
+        result = outbox.reconcile(batch_size=batch_size, using=self.alias)
+        if result.checked or result.outage is not None or report_idle:
+            self.stdout.write(
+                f"reconciled in {time.monotonic() - started:.2f}s: {result.summary()}"
+                + (
+                    f"; stopped, the broker is unavailable: {outbox.describe(result.outage)}"
+                    if result.outage is not None
+                    else ""
+                )
             )
         return result

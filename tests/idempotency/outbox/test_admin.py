@@ -51,6 +51,22 @@ def test_the_status_filter(admin_client_: Client, rows: dict[str, OutboxMessage]
     assert listed(admin_client_, status="pending") == ["pending"]
     assert listed(admin_client_, status="published") == ["published"]
     assert listed(admin_client_, status="failed") == ["failed"]
+    assert listed(admin_client_, status="unchecked") == ["published"]
+    assert listed(admin_client_, status="republished") == []
+
+
+def test_what_the_reconciler_did_shows(
+    admin_client_: Client, rows: dict[str, OutboxMessage]
+) -> None:
+    OutboxMessage.objects.filter(pk=rows["published"].pk).update(republished=2)
+    OutboxMessage.objects.filter(pk=rows["failed"].pk).update(
+        last_error="no outcome seen for event 'e-1' of consumer 'orders.tasks.place_order'"
+    )
+    assert listed(admin_client_, status="republished") == ["published"]
+    OutboxMessage.objects.filter(pk=rows["published"].pk).update(reconciled_at=timezone.now())
+    assert listed(admin_client_, status="unchecked") == []
+    page = admin_client_.get(URL, {"status": "failed"}).content.decode()
+    assert "no outcome seen for event" in page
 
 
 def test_the_changelist_shows_the_failures(
