@@ -372,5 +372,6 @@ def _percent(count: int, busiest: int) -> int:
 
 
 # The other models' admins live in modules of their own; importing them registers them.
-from . import admin_http, admin_reliability  # noqa: E402, F401
+from . import admin_http  # noqa: E402, F401
+from .deadletters import admin as deadletters_admin  # noqa: E402, F401
 from .outbox import admin as outbox_admin  # noqa: E402, F401

@@ -180,7 +180,7 @@ def test_the_transient_wait_stays_inside_the_time_limit() -> None:
 
 def test_a_final_failure_whose_dead_letter_cannot_be_stored_goes_back_to_the_broker() -> None:
     failures.append(ValueError("a bug"))
-    with mock.patch("idempotency.deadletters._store", side_effect=OperationalError("down")):
+    with mock.patch("idempotency.deadletters.store._store", side_effect=OperationalError("down")):
         result = fragile.apply(args=[{"eventId": "e-1"}])
     assert isinstance(result.result, Reject)
     assert result.result.requeue is True
@@ -189,7 +189,7 @@ def test_a_final_failure_whose_dead_letter_cannot_be_stored_goes_back_to_the_bro
 
 
 def test_a_keyless_message_whose_dead_letter_cannot_be_stored_goes_back() -> None:
-    with mock.patch("idempotency.deadletters._store", side_effect=OperationalError("down")):
+    with mock.patch("idempotency.deadletters.store._store", side_effect=OperationalError("down")):
         result = fragile.apply(args=[{"orderId": "ORD-1"}])
     assert isinstance(result.result, Reject)
     assert result.result.requeue is True
@@ -198,7 +198,8 @@ def test_a_keyless_message_whose_dead_letter_cannot_be_stored_goes_back() -> Non
 
 def test_an_invalid_event_becomes_a_dead_letter_and_is_not_requeued() -> None:
     with mock.patch(
-        "idempotency.celery.run_once", side_effect=InvalidEvent("nested deeper than 64 levels")
+        "idempotency.celery.decorator.run_once",
+        side_effect=InvalidEvent("nested deeper than 64 levels"),
     ):
         result = fragile.apply(args=[{"eventId": "e-9", "deep": []}])
     assert isinstance(result.result, Reject)
@@ -234,7 +235,7 @@ def test_an_error_after_the_commit_is_a_success() -> None:
     def applied_then_hook_failed(*args: Any, **kwargs: Any) -> None:
         raise AfterCommitError(fragile.name, "e-1") from RuntimeError("hook")
 
-    with mock.patch("idempotency.celery.run_once", side_effect=applied_then_hook_failed):
+    with mock.patch("idempotency.celery.decorator.run_once", side_effect=applied_then_hook_failed):
         result = fragile.apply(args=[{"eventId": "e-1"}])
     assert result.state == "SUCCESS"
     assert not DeadLetter.objects.exists()
@@ -274,7 +275,7 @@ def test_redeliveries_are_counted_durably() -> None:
 @override_settings(IDEMPOTENCY={"DELIVERY_LIMIT": 3})
 def test_a_message_past_the_delivery_limit_becomes_a_dead_letter() -> None:
     event = {"eventId": "e-1"}
-    with mock.patch("idempotency.celery.delivery_number", return_value=0):
+    with mock.patch("idempotency.celery.task.delivery_number", return_value=0):
         DeliveryAttempt.objects.create(task_id="t-1", deliveries=2)
         failures.append(SoftTimeLimitExceeded())  # the third delivery runs (and fails)
         third = fragile.apply(args=[event], task_id="t-1")
@@ -296,7 +297,7 @@ def test_a_message_past_the_delivery_limit_whose_event_is_processed_is_acknowled
     event = {"eventId": "e-1"}
     fragile.apply(args=[event])
     DeliveryAttempt.objects.create(task_id="t-1", deliveries=10)
-    with mock.patch("idempotency.celery.delivery_number", return_value=0):
+    with mock.patch("idempotency.celery.task.delivery_number", return_value=0):
         result = fragile.apply(args=[event], task_id="t-1")
     assert result.state == "SUCCESS"
     assert len(calls) == 1
@@ -306,7 +307,7 @@ def test_a_message_past_the_delivery_limit_whose_event_is_processed_is_acknowled
 
 @override_settings(IDEMPOTENCY={"DELIVERY_LIMIT": None})
 def test_no_delivery_limit() -> None:
-    with mock.patch("idempotency.celery.delivery_number", return_value=1000):
+    with mock.patch("idempotency.celery.task.delivery_number", return_value=1000):
         assert fragile.apply(args=[{"eventId": "e-1"}]).get() == "done"
     assert not DeliveryAttempt.objects.exists()
 

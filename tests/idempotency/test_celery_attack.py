@@ -17,7 +17,8 @@ from django.db import IntegrityError, OperationalError, connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
-from idempotency.celery import _TransientWait, delivery_number, idempotent_task
+from idempotency.celery import delivery_number, idempotent_task
+from idempotency.celery.task import _TransientWait
 from idempotency.decorators import run_once
 from idempotency.models import DeadLetter, DeliveryAttempt, ProcessedEvent
 from tests.services import in_thread, require_postgres
@@ -128,7 +129,7 @@ def test_a_reject_without_requeue_raised_by_the_handler_leaves_a_dead_letter() -
 
 
 def test_a_reject_without_requeue_whose_dead_letter_cannot_be_stored_goes_back() -> None:
-    with mock.patch("idempotency.deadletters._store", side_effect=OperationalError("down")):
+    with mock.patch("idempotency.deadletters.store._store", side_effect=OperationalError("down")):
         result = rejects.apply(args=[{"eventId": "e-1"}])
     assert isinstance(result.result, Reject)
     assert result.result.requeue is True
@@ -143,7 +144,7 @@ def test_a_soft_time_limit_during_the_transient_wait_gives_the_message_back() ->
     failures.extend([transient_error()] * 3)
     with (
         mock.patch.object(_TransientWait, "pause", side_effect=SoftTimeLimitExceeded()),
-        mock.patch("idempotency.deadletters._store", side_effect=OperationalError("down")),
+        mock.patch("idempotency.deadletters.store._store", side_effect=OperationalError("down")),
     ):
         result = handler.apply(args=[{"eventId": "e-1"}])
     # Escaping to on_failure, it would be rejected without requeue with no dead letter stored.
@@ -158,7 +159,7 @@ def test_deliveries_given_back_during_an_outage_do_not_spend_the_delivery_limit(
     # The database answers the counter but the handler's statements fail (a lock timeout, a
     # serialization failure storm): each delivery is given back after the window.
     event = {"eventId": "e-1"}
-    with mock.patch("idempotency.celery.delivery_number", return_value=0):
+    with mock.patch("idempotency.celery.task.delivery_number", return_value=0):
         for _ in range(10):
             failures.extend([transient_error()] * 100)
             result = handler.apply(args=[event], task_id="t-1")
@@ -186,11 +187,11 @@ def test_the_database_down_when_a_redelivery_is_counted() -> None:
         "idempotency.models.DeliveryAttemptQuerySet.count_delivery",
         side_effect=[transient_error()] * 2 + [2],
     )
-    with mock.patch("idempotency.celery.delivery_number", return_value=0), counting as count:
+    with mock.patch("idempotency.celery.task.delivery_number", return_value=0), counting as count:
         assert handler.apply(args=[{"eventId": "e-1"}], task_id="t-1").get() == "done"
     assert count.call_count == 3  # waited out, then counted once
     with (
-        mock.patch("idempotency.celery.delivery_number", return_value=0),
+        mock.patch("idempotency.celery.task.delivery_number", return_value=0),
         mock.patch(
             "idempotency.models.DeliveryAttemptQuerySet.count_delivery",
             side_effect=transient_error(),
@@ -207,7 +208,7 @@ def test_a_duplicate_past_the_delivery_limit_is_acknowledged_without_running() -
     event = {"eventId": "e-1"}
     handler.apply(args=[event])
     DeliveryAttempt.objects.create(task_id="t-1", deliveries=5)
-    with mock.patch("idempotency.celery.delivery_number", return_value=0):
+    with mock.patch("idempotency.celery.task.delivery_number", return_value=0):
         result = handler.apply(args=[event], task_id="t-1")
     assert result.state == "SUCCESS"
     assert len(calls) == 1
@@ -303,7 +304,9 @@ def test_64_copies_of_one_message_at_once(redelivered: bool) -> None:
 
     with (
         override_settings(IDEMPOTENCY={"DELIVERY_LIMIT": 100}),
-        mock.patch("idempotency.celery.delivery_number", return_value=0 if redelivered else None),
+        mock.patch(
+            "idempotency.celery.task.delivery_number", return_value=0 if redelivered else None
+        ),
     ):
         threads = [in_thread(lambda n=n: deliver(n), errors) for n in range(64)]
         for thread in threads:

@@ -24,7 +24,9 @@ DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 #: ``from idempotency.x import a, b`` (one line or parenthesised over several).
 FROM_IMPORT = re.compile(r"^\s*from (idempotency(?:\.\w+)*) import (\([^)]*\)|[^\n]+)", re.M)
 #: ``idempotency.x.y`` in prose or code; not a system check id (``idempotency.E001``).
-DOTTED = re.compile(r"\bidempotency(?:\.(?![EW]\d{3}\b)[A-Za-z_]\w*)+")
+DOTTED = re.compile(r"(?<![\w-])idempotency(?:\.(?![EW]\d{3}\b)[A-Za-z_]\w*)+")
+#: ``"idempotency.celery:DeadLetterConsumer"``: a dotted path as settings name it.
+COLON_PATH = re.compile(r"(?<![\w-])(idempotency(?:\.\w+)*):(\w+)")
 #: ``outbox.enqueue(...)`` after ``from idempotency import outbox``: the module's names in use.
 MODULE_ATTRIBUTE = r"(?<![\w.]){module}\.([A-Za-z_]\w*)\("
 
@@ -44,6 +46,7 @@ def documented_names() -> set[str]:
                     for attribute in re.findall(MODULE_ATTRIBUTE.format(module=name), text):
                         names.add(f"{module}.{name}.{attribute}")
         names.update(match.rstrip(".") for match in DOTTED.findall(text))
+        names.update(f"{module}.{name}" for module, name in COLON_PATH.findall(text))
     return names
 
 
@@ -73,6 +76,7 @@ def test_the_documentation_is_parsed_for_the_names_it_imports() -> None:
         "idempotency.celery.idempotent_task",
         "idempotency.models.IdempotencyKey",
         "idempotency.models.retention_cutoffs",
+        "idempotency.celery.DeadLetterConsumer",
     } <= names
     assert not any(re.search(r"\.[EW]\d{3}$", name) for name in names)
 
@@ -99,14 +103,15 @@ def test_the_public_paths_stay_put(dotted: str) -> None:
     assert resolve(dotted) is not None
 
 
-def test_a_capability_exports_what_it_lists() -> None:
-    from idempotency import outbox
-
-    for name in outbox.__all__:
-        assert getattr(outbox, name) is not None, name
-    assert set(outbox.__all__) == set(outbox._PUBLIC)
+@pytest.mark.parametrize("package", ["idempotency.outbox", "idempotency.deadletters"])
+def test_a_capability_exports_what_it_lists(package: str) -> None:
+    face = importlib.import_module(package)
+    for name in face.__all__:
+        assert getattr(face, name) is not None, name
+        assert name in dir(face)
+    assert set(face.__all__) == set(face._PUBLIC)
     with pytest.raises(AttributeError, match="no_such_name"):
-        outbox.no_such_name  # noqa: B018
+        face.no_such_name  # noqa: B018
 
 
 def test_the_models_register_under_the_app_label_with_their_tables() -> None:

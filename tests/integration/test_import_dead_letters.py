@@ -135,7 +135,7 @@ def test_a_row_that_cannot_be_stored_leaves_the_message_queued(
     def down(fields: object) -> None:
         raise OperationalError("the database is down")
 
-    monkeypatch.setattr(deadletters, "_store", down)
+    monkeypatch.setattr("idempotency.deadletters.store._store", down)
     with pytest.raises(CommandError, match="could not be stored"):
         run_import("--queue", dead)
     wait_for(lambda: waiting(dead) == 1, 10, "the message to stay queued")

@@ -8,8 +8,8 @@ from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import deadletters
-from .admin_base import ReadOnlyAdmin
+from ..admin_base import ReadOnlyAdmin
+from . import redriving
 from .models import DeadLetter
 
 
@@ -35,7 +35,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         permissions=["change_state"],
     )
     def redrive(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        done, skipped = deadletters.redrive(queryset)
+        done, skipped = redriving.redrive(queryset)
         for letter in done:
             self.log_change(request, letter, "Re-driven through the outbox.")
         if done:

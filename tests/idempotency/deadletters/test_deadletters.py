@@ -179,7 +179,7 @@ def test_nul_bytes_lone_surrogates_and_nan_are_stored() -> None:
 
 
 def test_an_oversized_payload_is_kept_as_cut_text() -> None:
-    with mock.patch("idempotency.deadletters._MAX_JSON", 1000):
+    with mock.patch("idempotency.deadletters.store._MAX_JSON", 1000):
         letter = deadletters.record(reason="failed", task_name="t", args=[{"blob": "x" * 5000}])
     assert letter is not None
     letter.refresh_from_db()
@@ -199,7 +199,7 @@ def test_an_oversized_payload_is_kept_as_cut_text() -> None:
 def test_a_failure_to_store_returns_none_and_logs_critical(
     error: Exception, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with mock.patch("idempotency.deadletters._store", side_effect=error):
+    with mock.patch("idempotency.deadletters.store._store", side_effect=error):
         assert deadletters.record(reason="failed", task_name="t", args=[nested(950)]) is None
     assert "could not store a dead letter" in caplog.text
     assert not DeadLetter.objects.exists()
@@ -210,7 +210,7 @@ def test_an_undecodable_message_that_cannot_be_stored_is_not_dropped() -> None:
     consumer.connection.transport.driver_type = "redis"
     message = mock.Mock(body=b"{not json", headers={"id": "t-1"})
     with (
-        mock.patch("idempotency.deadletters._store", side_effect=OperationalError("down")),
+        mock.patch("idempotency.deadletters.store._store", side_effect=OperationalError("down")),
         mock.patch("celery.worker.consumer.Consumer.on_decode_error") as original,
     ):
         DeadLetterConsumer.on_decode_error(consumer, message, ValueError("bad json"))

@@ -1,19 +1,6 @@
-"""Celery integration: the task decorator (a thin layer over :func:`run_once`), the task base
-class that decides what becomes of each delivery, and a worker consumer that dead-letters
-messages no task could ever read.
+"""The task base class of ``@idempotent_task``: what becomes of each delivery.
 
-The rule: a message leaves the broker (acknowledged, or rejected without requeue) only once its
-outcome is durable: the effect and its inbox record committed, or a dead letter stored. So
-
-- a transient error (the database unreachable, a serialization failure, a connection reset) is
-  waited out in-process for up to ``TRANSIENT_RETRY_WINDOW``, then the message goes back to the
-  broker (``Reject(requeue=True)``); it never consumes the task's retries, however long it lasts;
-- a final failure (retries exhausted, an error not retried, an event that can never be
-  processed) stores a dead letter, and the message is rejected without requeue only if the
-  dead letter was stored; otherwise it goes back to the broker;
-- a message delivered more than ``DELIVERY_LIMIT`` times (one that kills its worker: a hard time
-  limit, an out-of-memory kill) is dead-lettered instead of being run again;
-- a delivery whose claim committed is done, even if an ``on_commit`` callback raised afterwards.
+See :mod:`idempotency.celery` for the rule it follows.
 """
 
 from __future__ import annotations
@@ -23,25 +10,19 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any, NoReturn
 
-from celery import shared_task
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
-from celery.worker.consumer import Consumer
 from django.db import DatabaseError, connections
-from django.db.transaction import TransactionManagementError
 
-from idempotency import deadletters
-
-from .conf import app_settings
-from .decorators import run_once
-from .exceptions import AfterCommitError, InvalidEvent, InvalidEventId
-from .inbox import inbox_database
-from .keys import KeySpec, extract_key
-from .transient import TRANSIENT_ERRORS, is_transient
+from .. import deadletters
+from ..conf import app_settings
+from ..exceptions import AfterCommitError, InvalidEvent, InvalidEventId
+from ..inbox import inbox_database
+from ..keys import KeySpec, extract_key
+from ..transient import TRANSIENT_ERRORS, is_transient
 
 logger = logging.getLogger("idempotency")
 
@@ -210,7 +191,7 @@ class IdempotentTask(DjangoTask):
         if getattr(self.request, "idempotency_counted", False):
             from django.db.models import F
 
-            from .models import DeliveryAttempt
+            from ..models import DeliveryAttempt
 
             # The database may be the very thing that is down: then the count stays.
             with contextlib.suppress(Exception):
@@ -255,7 +236,7 @@ class IdempotentTask(DjangoTask):
             return False
         if delivery_number(request) is None:
             return False  # a first delivery: the hot path writes nothing
-        from .models import DeliveryAttempt
+        from ..models import DeliveryAttempt
 
         event_id = self._event_id([event])
         deliveries = DeliveryAttempt.objects.count_delivery(
@@ -291,7 +272,7 @@ class IdempotentTask(DjangoTask):
         raise _Decided(exc, requeue=letter is None)
 
     def _in_inbox(self, event_id: str) -> bool:
-        from .models import ProcessedEvent
+        from ..models import ProcessedEvent
 
         using = self.inbox_using or inbox_database()
         records = ProcessedEvent.objects.using(using).for_consumer(self._consumer())
@@ -395,160 +376,8 @@ class IdempotentTask(DjangoTask):
             return ""
 
 
-def _require_usable_transaction(using: str | None) -> None:
-    """Raise if the handler caught a database error and left the claim's transaction broken.
-
-    Django would then roll the claim back silently on leaving the block, with the effect: the
-    task would succeed and the message be acknowledged with nothing applied, nothing kept.
-    """
-    if connections[using or inbox_database()].needs_rollback:
-        raise TransactionManagementError(
-            "the handler caught a database error inside the claim's transaction and went on: "
-            "the transaction can only roll back, so the event is not applied. Wrap the "
-            "statement that may fail in transaction.atomic() to catch its error."
-        )
-
-
 def _format(exc: BaseException) -> str:
     try:
         return "".join(traceback.format_exception(exc))
     except Exception:
         return ""
-
-
-#: Task options that make at-least-once delivery safe; a decorator argument overrides them.
-SAFE_TASK_OPTIONS: dict[str, Any] = {
-    "acks_late": True,
-    "reject_on_worker_lost": True,
-    "acks_on_failure_or_timeout": False,
-    "base": IdempotentTask,
-    "retry_backoff": True,
-    "retry_backoff_max": 60,
-    "retry_jitter": True,
-    "max_retries": 5,
-}
-
-
-def idempotent_task(
-    func: Callable[..., Any] | None = None,
-    *,
-    key: KeySpec | None = None,
-    consumer: str | None = None,
-    on_mismatch: str | None = None,
-    store_result: bool | None = None,
-    result_serializer: Any = None,
-    using: str | None = None,
-    **task_options: Any,
-) -> Any:
-    """Declare a Celery task whose first argument is an event, applied once per consumer.
-
-    ``@idempotent_task`` or ``@idempotent_task(key=..., consumer=..., **celery_options)``.
-    The consumer name defaults to the task's name. The task is ``acks_late`` with
-    ``reject_on_worker_lost``, so a killed worker's message is redelivered, not lost. Transient
-    database errors are waited out, then the message goes back to the broker; ``autoretry_for``
-    errors are retried with the task's retries and backoff; an event without a usable key, one
-    that fails for good, or one delivered past ``DELIVERY_LIMIT`` becomes a dead letter.
-    """
-    options = {**SAFE_TASK_OPTIONS, **task_options}
-    # Handled by deliver(), not by Celery's autoretry wrapper, which would let a final failure
-    # escape to on_failure, too late to decide whether the message may leave the broker.
-    options["retry_for"] = tuple(options.pop("autoretry_for", ()))
-    options["dont_retry_for"] = tuple(options.pop("dont_autoretry_for", ()))
-    bind = options.pop("bind", False)
-    run_options: dict[str, Any] = {}
-    if result_serializer is not None:
-        run_options["result_serializer"] = result_serializer
-
-    def decorate(fn: Callable[..., Any]) -> Any:
-        def run(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
-            call_args = (self, event, *args) if bind else (event, *args)
-
-            def handle() -> Any:
-                value = fn(*call_args, **kwargs)
-                _require_usable_transaction(using)
-                return value
-
-            return self.deliver(
-                event,
-                args,
-                kwargs,
-                lambda: run_once(
-                    consumer or self.name,
-                    event,
-                    handle,
-                    key=key,
-                    on_mismatch=on_mismatch,
-                    store_result=store_result,
-                    using=using,
-                    **run_options,
-                ),
-            )
-
-        run.__name__ = fn.__name__
-        run.__qualname__ = fn.__qualname__
-        run.__module__ = fn.__module__
-        run.__doc__ = fn.__doc__
-        return shared_task(
-            bind=True, key_spec=key, consumer_name=consumer, inbox_using=using, **options
-        )(run)
-
-    return decorate(func) if func is not None else decorate
-
-
-class DeadLetterConsumer(Consumer):
-    """A worker consumer that keeps what Celery would otherwise log and drop.
-
-    Enable it with ``CELERY_WORKER_CONSUMER = "idempotency.celery:DeadLetterConsumer"``. A
-    message whose dead letter could not be stored (the database is down) is not dropped: on
-    RabbitMQ it is rejected into the queue's dead-letter queue (``manage.py dead_letters
-    import`` brings it in later), elsewhere it goes back to its queue after a pause.
-    """
-
-    #: How long the consumer pauses before giving back a message it could not dead-letter, so
-    #: a database outage does not spin it on the same message.
-    give_back_pause = 1.0
-
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        headers = dict(message.headers or {})
-        letter = deadletters.record(
-            reason=deadletters.UNDECODABLE,
-            task_name=str(headers.get("task", "")),
-            task_id=str(headers.get("id", "")),
-            body=_raw_body(message),
-            exception=exc,
-            headers=headers,
-        )
-        if letter is None:
-            self._keep(message)
-            return
-        super().on_decode_error(message, exc)
-
-    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        headers = dict(message.headers or {})
-        letter = deadletters.record(
-            reason=deadletters.UNKNOWN_TASK,
-            task_name=str(headers.get("task", "")),
-            task_id=str(headers.get("id", "")),
-            body=_raw_body(message),
-            exception=exc,
-            headers=headers,
-        )
-        if letter is None:
-            self._keep(message)
-            return
-        super().on_unknown_task(body, message, exc)
-
-    def _keep(self, message: Any) -> None:
-        transport = getattr(getattr(self, "connection", None), "transport", None)
-        if getattr(transport, "driver_type", "") == "amqp":
-            message.reject(requeue=False)  # RabbitMQ routes it to <queue>.dead
-            return
-        time.sleep(self.give_back_pause)
-        message.reject(requeue=True)
-
-
-def _raw_body(message: Any) -> str:
-    body = message.body
-    if isinstance(body, bytes):
-        return body.decode("utf-8", errors="replace")
-    return str(body)

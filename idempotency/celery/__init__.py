@@ -1,0 +1,43 @@
+"""Celery integration: the task decorator (a thin layer over :func:`run_once`), the task base
+class that decides what becomes of each delivery, and a worker consumer that dead-letters
+messages no task could ever read.
+
+The rule: a message leaves the broker (acknowledged, or rejected without requeue) only once its
+outcome is durable: the effect and its inbox record committed, or a dead letter stored. So
+
+- a transient error (the database unreachable, a serialization failure, a connection reset) is
+  waited out in-process for up to ``TRANSIENT_RETRY_WINDOW``, then the message goes back to the
+  broker (``Reject(requeue=True)``); it never consumes the task's retries, however long it lasts;
+- a final failure (retries exhausted, an error not retried, an event that can never be
+  processed) stores a dead letter, and the message is rejected without requeue only if the
+  dead letter was stored; otherwise it goes back to the broker;
+- a message delivered more than ``DELIVERY_LIMIT`` times (one that kills its worker: a hard time
+  limit, an out-of-memory kill) is dead-lettered instead of being run again;
+- a delivery whose claim committed is done, even if an ``on_commit`` callback raised afterwards.
+
+Where each part lives: :mod:`.task` (``IdempotentTask``, the delivery rules above),
+:mod:`.decorator` (``idempotent_task``), :mod:`.consumer` (``DeadLetterConsumer``).
+"""
+
+from __future__ import annotations
+
+from .consumer import DeadLetterConsumer
+from .decorator import SAFE_TASK_OPTIONS, idempotent_task
+from .task import (
+    DELIVERY_COUNT_HEADER,
+    TRANSIENT_BACKOFF_FIRST,
+    TRANSIENT_BACKOFF_MAX,
+    IdempotentTask,
+    delivery_number,
+)
+
+__all__ = [
+    "DELIVERY_COUNT_HEADER",
+    "SAFE_TASK_OPTIONS",
+    "TRANSIENT_BACKOFF_FIRST",
+    "TRANSIENT_BACKOFF_MAX",
+    "DeadLetterConsumer",
+    "IdempotentTask",
+    "delivery_number",
+    "idempotent_task",
+]

@@ -1,0 +1,92 @@
+"""Dead letters: the messages that can never succeed as they are, kept, and re-driven.
+
+- :mod:`.store`: ``record()``, the last resort of a worker that could not process a message
+  (never raises; ``None`` means nothing was stored), and the reasons (``FAILED``,
+  ``DELIVERY_LIMIT``, ...).
+- :mod:`.redriving`: ``redrive()``, publishing letters again through the outbox.
+- :mod:`.broker`: ``import_broker_queue()``, a RabbitMQ dead-letter queue into rows.
+- :mod:`.models`: ``DeadLetter``, and ``DeliveryAttempt``, the durable delivery counter that
+  turns a message redelivered past ``DELIVERY_LIMIT`` into a dead letter.
+- :mod:`.admin`: the read-only admin and its logged re-drive.
+
+The worker consumer that dead-letters undecodable messages and unknown tasks is Celery's:
+``idempotency.celery:DeadLetterConsumer``.
+
+The names below are loaded on first use: ``idempotency.models`` imports
+``idempotency.deadletters.models``, which runs this file before the app registry is ready.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .broker import (
+        BrokerImport,
+        BrokerMessage,
+        dead_letter_queue_names,
+        decode_broker_message,
+        import_broker_queue,
+    )
+    from .redriving import redrive
+    from .store import (
+        BROKER,
+        DELIVERY_LIMIT,
+        FAILED,
+        INVALID_EVENT,
+        INVALID_KEY,
+        UNDECODABLE,
+        UNKNOWN_TASK,
+        database,
+        record,
+    )
+
+#: Public name -> the module of this package that defines it.
+_PUBLIC = {
+    "BROKER": ".store",
+    "DELIVERY_LIMIT": ".store",
+    "FAILED": ".store",
+    "INVALID_EVENT": ".store",
+    "INVALID_KEY": ".store",
+    "UNDECODABLE": ".store",
+    "UNKNOWN_TASK": ".store",
+    "database": ".store",
+    "record": ".store",
+    "redrive": ".redriving",
+    "BrokerImport": ".broker",
+    "BrokerMessage": ".broker",
+    "dead_letter_queue_names": ".broker",
+    "decode_broker_message": ".broker",
+    "import_broker_queue": ".broker",
+}
+
+__all__ = [
+    "BROKER",
+    "DELIVERY_LIMIT",
+    "FAILED",
+    "INVALID_EVENT",
+    "INVALID_KEY",
+    "UNDECODABLE",
+    "UNKNOWN_TASK",
+    "BrokerImport",
+    "BrokerMessage",
+    "database",
+    "dead_letter_queue_names",
+    "decode_broker_message",
+    "import_broker_queue",
+    "record",
+    "redrive",
+]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _PUBLIC[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    return getattr(import_module(module, __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
