@@ -93,6 +93,10 @@ class _BoundedStream:
             size = self._left + 1
         return self._take(self._stream.readline(min(size, self._left + 1)))
 
+    def seekable(self) -> bool:
+        # Forward only: Django 6.0 asks before seeking to measure a body; the bound is ours.
+        return False
+
     def close(self) -> None:
         close = getattr(self._stream, "close", None)
         if callable(close):

@@ -6,7 +6,7 @@ import platform
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import celery
@@ -77,7 +77,7 @@ class Report:
 
     def markdown(self, command: str) -> str:
         elapsed = time.monotonic() - self.started
-        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         order = ["Python", "Django", "Celery", "kombu", "PostgreSQL", "RabbitMQ", "Redis"]
         versions = ", ".join(f"{k} {self.versions[k]}" for k in order if k in self.versions)
         outcomes = Counter(self.outcome(r) for r in self.rows)
@@ -148,7 +148,7 @@ class Report:
 
     def soak_markdown(self, command: str) -> str:
         """The soak's section of reliability.md: its own table, figures and command."""
-        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         return "\n".join(
             [
                 SOAK_START,

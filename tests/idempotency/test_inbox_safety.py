@@ -260,7 +260,7 @@ def test_a_failed_commit_is_not_an_after_commit_error(deferred_table: str) -> No
 # --- Results and payloads with no plain JSON type -------------------------------------------
 
 
-WHEN = dt.datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=dt.UTC)
+WHEN = dt.datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=dt.timezone.utc)
 ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
 
 

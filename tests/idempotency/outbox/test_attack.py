@@ -131,7 +131,7 @@ def deep(levels: int) -> Any:
     "args",
     [
         pytest.param([decimal.Decimal("1.10")], id="decimal"),
-        pytest.param([datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)], id="datetime"),
+        pytest.param([datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)], id="datetime"),
         pytest.param([b"bytes"], id="bytes"),
         pytest.param([{1, 2}], id="set"),
         pytest.param([object()], id="object"),
