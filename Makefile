@@ -9,9 +9,9 @@ PORT   ?= 8000
 # The fault-injection suite runs on PostgreSQL (a database of its own), RabbitMQ and Redis.
 FAULTS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/idempotency_faults
 
-.PHONY: run test lint clean faults soak
+.PHONY: run test lint clean faults soak dist nox
 
-$(STAMP): requirements/base.txt requirements/dev.txt
+$(STAMP): requirements/base.txt requirements/test.txt requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements/dev.txt
@@ -39,8 +39,21 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy idempotency orders project
 
+# The wheel (the app only) and the sdist (the app, the whole test suite and the example project)
+# in dist/, checked as the package index will render them.
+dist: $(STAMP)  ## build the wheel and the sdist into dist/ and check them with twine
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# Every (Python, Django) pair of docs/versions.md on SQLite and PostgreSQL; ARGS='-t ci' for
+# the oldest and the newest only, ARGS='-s mariadb' for MariaDB.
+NOX_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/idempotency
+nox: $(STAMP)  ## the version matrix (about 3 minutes a session)
+	NOX_POSTGRES_URL=$(NOX_POSTGRES_URL) $(BIN)/nox $(ARGS)
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var dist .nox .pytest_cache .mypy_cache .ruff_cache
 
 # The purge benchmark needs PostgreSQL; it fills and empties the inbox of the database it is given.
 BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/idempotency_bench

@@ -1,0 +1,184 @@
+"""The release artefacts: what the wheel and the sdist ship, and the metadata the index shows.
+
+The artefacts are built once per run with ``python -m build --no-isolation`` (the pinned
+hatchling of requirements/dev.txt), the same command as ``make dist``.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import importlib.util
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: What the sdist carries beside the app: the whole suite and everything it runs on.
+SUITE = ("tests", "project", "orders", "requirements")
+SKIPPED_PARTS = {"__pycache__", ".pytest_cache"}
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("build") is None or importlib.util.find_spec("hatchling") is None,
+    reason="build and hatchling (requirements/dev.txt) are not installed",
+)
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = out.glob("*.whl")
+    (sdist,) = out.glob("*.tar.gz")
+    return {"wheel": wheel, "sdist": sdist, "dir": out}
+
+
+def _sdist_names(sdist: Path) -> set[str]:
+    with tarfile.open(sdist) as archive:
+        # Every member sits under one "<name>-<version>/" directory.
+        return {m.name.split("/", 1)[1] for m in archive.getmembers() if m.isfile()}
+
+
+def _on_disk(top: str) -> set[str]:
+    return {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / top).rglob("*")
+        if path.is_file() and not SKIPPED_PARTS & set(path.parts) and path.suffix != ".pyc"
+    }
+
+
+def _metadata(wheel: Path) -> email.message.Message:
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        return email.message_from_bytes(archive.read(name))
+
+
+def test_wheel_ships_the_app_only(dist: dict[str, Path]) -> None:
+    with zipfile.ZipFile(dist["wheel"]) as archive:
+        names = archive.namelist()
+    tops = {name.split("/", 1)[0] for name in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"idempotency"}
+    for needed in (
+        "idempotency/py.typed",
+        "idempotency/migrations/0001_initial.py",
+        "idempotency/management/commands/purge_processed_events.py",
+    ):
+        assert needed in names
+    assert any(n.startswith("idempotency/templates/") for n in names)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_sdist_ships_the_whole_suite_or_nothing_of_it(dist: dict[str, Path]) -> None:
+    names = _sdist_names(dist["sdist"])
+    for top in ("idempotency", *SUITE):
+        missing = _on_disk(top) - names
+        assert not missing, f"{top}/ is in the sdist only in part: {sorted(missing)[:10]}"
+    for single in ("manage.py", "noxfile.py", "pyproject.toml", "README.md", "LICENSE"):
+        assert single in names
+    assert not [n for n in names if n.startswith((".venv/", "var/", ".nox/", "dist/"))]
+    assert not [n for n in names if "__pycache__" in n]
+
+
+def test_the_suite_runs_from_an_unpacked_sdist(
+    dist: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with tarfile.open(dist["sdist"]) as archive:
+        archive.extractall(tmp_path, filter="data")
+    (unpacked,) = tmp_path.iterdir()
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=unpacked,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    # The conftest files and every test module came along: as many tests as here.
+    here = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    count = re.compile(r"^(\d+)(?:/\d+)? tests? collected", re.MULTILINE)
+    theirs, ours = count.search(collected.stdout), count.search(here.stdout)
+    assert theirs, collected.stdout[-500:]
+    assert ours, here.stdout[-500:]
+    assert int(theirs.group(1)) == int(ours.group(1)) > 500
+
+
+def test_twine_accepts_both(dist: dict[str, Path]) -> None:
+    checked = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", *map(str, dist["dir"].iterdir())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_long_description_links_are_absolute(dist: dict[str, Path]) -> None:
+    metadata = _metadata(dist["wheel"])
+    assert metadata["Description-Content-Type"] == "text/markdown"
+    description = metadata.get_payload()
+    assert isinstance(description, str)
+    targets = re.findall(r"\]\(([^)\s]+)\)", description)
+    assert targets, "the README lost its links"
+    relative = [t for t in targets if not t.startswith(("https://", "http://", "#", "mailto:"))]
+    assert not relative
+    urls = dict(value.split(", ", 1) for value in metadata.get_all("Project-URL", []))
+    assert {"Homepage", "Documentation", "Source", "Changelog", "Issues"} <= set(urls)
+    assert all(url.startswith("https://") for url in urls.values())
+
+
+def _matrix() -> dict[str, tuple[str, ...]]:
+    spec = importlib.util.spec_from_file_location("noxfile", ROOT / "noxfile.py")
+    assert spec
+    assert spec.loader
+    if importlib.util.find_spec("nox") is None:
+        pytest.skip("nox (requirements/dev.txt) is not installed")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MATRIX
+
+
+def test_classifiers_and_docs_state_the_tested_matrix(dist: dict[str, Path]) -> None:
+    matrix = _matrix()
+    metadata = _metadata(dist["wheel"])
+    classifiers = metadata.get_all("Classifier", [])
+    pythons = {python for series in matrix.values() for python in series}
+    stated_pythons = {
+        c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r".*Python :: 3\.\d+", c)
+    }
+    stated_djangos = {
+        c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r".*Django :: \d+\.\d+", c)
+    }
+    assert stated_pythons == pythons
+    assert stated_djangos == set(matrix)
+    oldest_python = min(pythons, key=lambda v: tuple(map(int, v.split("."))))
+    assert metadata["Requires-Python"] == f">={oldest_python}"
+    oldest_django = min(matrix, key=lambda v: tuple(map(int, v.split("."))))
+    assert f"django>={oldest_django}" in [r.lower() for r in metadata.get_all("Requires-Dist")]
+
+    table = (ROOT / "docs" / "versions.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| Python |"))
+    assert [cell.strip() for cell in header.strip("|").split("|")][1:] == [
+        f"Django {series}" + (" (LTS)" if series.endswith(".2") else "") for series in matrix
+    ]
+    for python in pythons:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {python} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+        for series, cell in zip(matrix, cells, strict=True):
+            assert cell.startswith("tested") == (python in matrix[series]), (python, series)
