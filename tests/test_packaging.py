@@ -119,6 +119,11 @@ def test_the_suite_runs_from_an_unpacked_sdist(
     assert int(theirs.group(1)) == int(ours.group(1)) > 500
 
 
+def test_the_readme_installs_the_wheel_make_dist_builds(dist: dict[str, Path]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert f'pip install "dist/{dist["wheel"].name}[' in readme
+
+
 def test_twine_accepts_both(dist: dict[str, Path]) -> None:
     checked = subprocess.run(
         [sys.executable, "-m", "twine", "check", "--strict", *map(str, dist["dir"].iterdir())],
