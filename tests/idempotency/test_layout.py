@@ -103,7 +103,9 @@ def test_the_public_paths_stay_put(dotted: str) -> None:
     assert resolve(dotted) is not None
 
 
-@pytest.mark.parametrize("package", ["idempotency.outbox", "idempotency.deadletters"])
+@pytest.mark.parametrize(
+    "package", ["idempotency.inbox", "idempotency.outbox", "idempotency.deadletters"]
+)
 def test_a_capability_exports_what_it_lists(package: str) -> None:
     face = importlib.import_module(package)
     for name in face.__all__:

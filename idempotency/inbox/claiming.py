@@ -23,9 +23,9 @@ from django.db.models import F
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
-from . import signals
-from .conf import MISMATCH_POLICIES, app_settings
-from .exceptions import (
+from .. import signals
+from ..conf import MISMATCH_POLICIES, app_settings
+from ..exceptions import (
     AfterCommitError,
     IdempotencyConfigurationError,
     InvalidEvent,
@@ -33,8 +33,8 @@ from .exceptions import (
     ResultNotSerializable,
     TransactionRequired,
 )
-from .fingerprint import bounded_canonical_json, has_escaped_nul, sha256_hex, stored_json
-from .keys import event_id_key
+from ..fingerprint import bounded_canonical_json, has_escaped_nul, sha256_hex, stored_json
+from ..keys import event_id_key
 from .models import Outcome, ProcessedEvent
 from .statements import claim_statement
 

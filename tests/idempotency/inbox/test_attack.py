@@ -20,7 +20,8 @@ from idempotency.exceptions import (
     InvalidEventId,
     ResultNotSerializable,
 )
-from idempotency.inbox import _is_write, claim, idempotent
+from idempotency.inbox import claim, idempotent
+from idempotency.inbox.claiming import _is_write
 from idempotency.keys import composite_key, event_id_key, extract_key
 from idempotency.models import ProcessedEvent
 from tests.replica import Replica, uses_replica

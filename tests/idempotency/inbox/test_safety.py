@@ -27,8 +27,8 @@ from idempotency.clock import database_now
 from idempotency.decorators import run_once
 from idempotency.exceptions import AfterCommitError, PayloadMismatch, ResultNotSerializable
 from idempotency.inbox import idempotent
+from idempotency.inbox.statements import STATEMENTS, supports_insert_select
 from idempotency.models import OutboxMessage, ProcessedEvent
-from idempotency.statements import STATEMENTS, supports_insert_select
 from tests.services import in_thread
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -19,8 +19,8 @@ from idempotency.exceptions import (
     TransactionRequired,
 )
 from idempotency.inbox import claim, current_claim, idempotent, reject
+from idempotency.inbox.statements import STATEMENTS, statement_for, supports_insert_select
 from idempotency.models import Outcome, ProcessedEvent
-from idempotency.statements import STATEMENTS, statement_for, supports_insert_select
 
 pytestmark = pytest.mark.django_db
 

@@ -15,8 +15,7 @@ import pytest
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections
 from django.test import override_settings
 
-from idempotency import inbox, statements
-from idempotency.inbox import idempotent
+from idempotency.inbox import claiming, idempotent, statements
 from idempotency.models import ProcessedEvent
 from idempotency.transient import is_transient
 from tests.services import in_thread, lock_waiters, require_postgres, wait_for
@@ -34,7 +33,7 @@ class Rollback(Exception):
 def statement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     require_postgres()
     chosen = statements.STATEMENTS[request.param]
-    monkeypatch.setattr(inbox, "claim_statement", lambda using: chosen)
+    monkeypatch.setattr(claiming, "claim_statement", lambda using: chosen)
     return str(request.param)
 
 
