@@ -51,6 +51,9 @@ from .models import OutboxMessage
 
 logger = logging.getLogger("idempotency")
 
+#: The largest batch: one batch is one transaction holding its rows locked.
+MAX_BATCH_SIZE = 10_000
+
 
 @dataclass
 class Reconciled:
@@ -208,8 +211,15 @@ def reconcile(*, batch_size: int = 100, using: str | None = None) -> Reconciled:
     another reconciler takes the others). A broker outage stops the run (``outage``); what
     it did not reach waits for the next run. With ``RECONCILE_AFTER`` None it does nothing.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 1 <= batch_size <= MAX_BATCH_SIZE
+    ):
+        # Past the maximum the database refuses the LIMIT, which a relay would retry for ever.
+        raise ValueError(
+            f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}, not {batch_size!r}"
+        )
     result = Reconciled()
     after, limit = _settings()
     if after is None:

@@ -285,6 +285,16 @@ class PrivateRedis(Broker):
                 tags.append(tag.decode())
         return tags
 
+    def holds(self, name: str, task_id: str) -> bool:
+        """Whether queue *name*'s lists or the ``unacked`` hash hold the message *task_id*."""
+        needle = task_id.encode()
+        for key in self.queue_keys(name):
+            if self.client.type(key) == b"list" and any(
+                needle in item for item in self.client.lrange(key, 0, -1)
+            ):
+                return True
+        return any(needle in raw for raw in self.client.hvals(self.UNACKED))
+
     def unacked_ages(self, name: str) -> list[float]:
         """Seconds since each unacknowledged message of queue *name* was delivered."""
         tags = set(self.unacked_for(name))

@@ -354,6 +354,11 @@ def web_command(port: int) -> list[str]:
 #: The settings module of a process that needs a variant (tests/faults/settings.py).
 FAULTS_SETTINGS = {"DJANGO_SETTINGS_MODULE": "tests.faults.settings"}
 
+#: The relay's reconciler: how long after its publish a message whose event shows no outcome
+#: is published again (seconds; the project's default is an hour), and how often it checks.
+RECONCILE_AFTER = float(os.environ.get("FAULTS_RECONCILE_AFTER", "45"))
+RECONCILE_EVERY = 5.0
+
 
 # --- The scenario ----------------------------------------------------------------------------
 
@@ -541,8 +546,17 @@ class Scenario:
         self.processes.append(process)
         return process
 
-    def relay(self, env: dict[str, str] | None = None, interval: float = 0.5) -> Process:
-        """``manage.py relay_outbox --forever``, as scripts/run.sh runs it next to the service."""
+    def relay(
+        self,
+        env: dict[str, str] | None = None,
+        interval: float = 0.5,
+        reconcile_after: float = RECONCILE_AFTER,
+    ) -> Process:
+        """``manage.py relay_outbox --forever``, as scripts/run.sh runs it next to the service.
+
+        It reconciles every :data:`RECONCILE_EVERY` seconds with a horizon of *reconcile_after*
+        seconds: a message a broker lost is published again within the scenario.
+        """
         relay = self.spawn(
             f"relay-{len(self.processes)}",
             [
@@ -552,8 +566,10 @@ class Scenario:
                 "--forever",
                 "--interval",
                 str(interval),
+                "--reconcile-every",
+                str(RECONCILE_EVERY),
             ],
-            env,
+            {**FAULTS_SETTINGS, "FAULTS_RECONCILE_AFTER": str(reconcile_after), **(env or {})},
         )
         self.wait(
             lambda: not relay.alive() or b"relaying the outbox" in relay.log.read_bytes(),
@@ -592,8 +608,9 @@ class Scenario:
 
     def arm(self, event_id: str, point: str, action: str = "pause") -> None:
         """Arm a fault for the first delivery of *event_id* to reach *point*."""
-        assert point in ("handler", "before-commit", "after-commit"), point
+        assert point in ("popped", "handler", "before-commit", "after-commit"), point
         assert action in ("pause", "kill"), action
+        assert point != "popped" or action == "kill", "a popped message can only be killed"
         self._fault("plan", event_id, point).write_text(action)
 
     def paused(self, event_id: str, point: str, timeout: float = 60) -> dict[str, Any]:
@@ -637,6 +654,23 @@ class Scenario:
 
     def count(self, kind: str, event_id: str | None = None) -> int:
         return sum(1 for k, _, e, _, _ in self.journal() if k == kind and event_id in (None, e))
+
+    def republished(self) -> tuple[int, int, int]:
+        """(outbox messages the reconciler published again, republishes in all, those of them
+        the broker had lost).
+
+        A lost message reached no worker before its copy: its task id was received once. A
+        late one (queued behind a backlog, restored after a visibility timeout) was received
+        as itself and as the copy.
+        """
+        from django.db.models import Sum
+
+        rows = OutboxMessage.objects.filter(republished__gt=0)
+        received = Counter(detail for kind, _, _, _, detail in self.journal() if kind == "received")
+        lost = sum(
+            1 for task_id in rows.values_list("task_id", flat=True) if received[str(task_id)] <= 1
+        )
+        return rows.count(), int(rows.aggregate(n=Sum("republished"))["n"] or 0), lost
 
     def logged(self, text: str) -> int:
         """Lines of the workers' logs that contain *text*."""

@@ -32,6 +32,11 @@ test and the worker's processes share:
 
 The points, in the order a first delivery reaches them:
 
+``popped``
+    Redis only, ``kill`` only: the worker's main process has popped the message off the
+    queue's list and not yet recorded it in kombu's ``unacked`` hash (the transport's second
+    round trip, celery/celery#7950). A kill there loses the message in the broker for good;
+    only the outbox reconciler brings it back.
 ``handler``
     The event is claimed, its transaction open, the business logic not yet run.
 ``before-commit``
@@ -274,10 +279,35 @@ def _observed_create_once(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _popped_event(message: Any) -> tuple[str, str]:
+    """(task name, event id) of a kombu message, or empty strings if it is not a task's."""
+    try:
+        args = message.decode()[0]  # task protocol 2: (args, kwargs, embed)
+        return str((message.headers or {}).get("task", "")), _event_id_of(args)
+    except Exception:  # a poison message of a scenario: no fault to fire for it
+        return "", ""
+
+
+def _kill_between_pop_and_unacked(append: Callable[..., Any]) -> Callable[..., Any]:
+    """kombu's Redis ``QoS.append``, run right after the pop: a ``popped`` fault fires first."""
+
+    @functools.wraps(append)
+    def wrapper(self: Any, message: Any, delivery_tag: Any) -> Any:
+        task, event_id = _popped_event(message)
+        if event_id:
+            fire(event_id, "popped", task)
+        return append(self, message, delivery_tag)
+
+    return wrapper
+
+
 def install() -> None:
     """Patch the business logic once per process (the pool's children inherit it)."""
     if getattr(services, "_fault_hooks_installed", False):
         return
+    from kombu.transport import redis as redis_transport
+
+    redis_transport.QoS.append = _kill_between_pop_and_unacked(redis_transport.QoS.append)  # type: ignore[method-assign]
     for name in ("place_order", "payment_received", "debit_account", "ship_order"):
         setattr(services, name, _at_handler(f"orders.tasks.{name}", getattr(services, name)))
     services.create_once = _observed_create_once(services.create_once)  # type: ignore[assignment]

@@ -11,6 +11,9 @@
     replica, writes to ``default``.
 ``FAULTS_DELIVERY_LIMIT``
     ``IDEMPOTENCY["DELIVERY_LIMIT"]``, so a message killed on every delivery reaches it soon.
+``FAULTS_RECONCILE_AFTER``
+    ``IDEMPOTENCY["RECONCILE_AFTER"]`` in seconds: the relay republishes a message whose event
+    shows no outcome within the scenario, not an hour later (``Scenario.relay`` sets it).
 
 A process runs with them through ``DJANGO_SETTINGS_MODULE=tests.faults.settings``.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+from datetime import timedelta
 
 from psycopg import IsolationLevel
 
@@ -44,3 +48,6 @@ if os.environ.get("FAULTS_REPLICA") == "1":
 
 if limit := os.environ.get("FAULTS_DELIVERY_LIMIT"):
     IDEMPOTENCY = {**IDEMPOTENCY, "DELIVERY_LIMIT": int(limit)}
+
+if after := os.environ.get("FAULTS_RECONCILE_AFTER"):
+    IDEMPOTENCY = {**IDEMPOTENCY, "RECONCILE_AFTER": timedelta(seconds=float(after))}

@@ -124,6 +124,13 @@ def test_an_inbox_record_closes_the_row_for_good(broker: mock.Mock) -> None:
     assert not broker.called
 
 
+def test_a_numeric_event_id_is_looked_up_as_the_worker_claims_it(broker: mock.Mock) -> None:
+    published(event={"eventId": 10**30}, event_id=str(10**30))
+    ProcessedEvent.objects.create(consumer="tests.reconcile.plain", event_id=str(10**30))
+    assert outbox.reconcile().confirmed == 1
+    assert not broker.called
+
+
 def test_another_consumers_record_of_the_same_event_is_no_outcome(broker: mock.Mock) -> None:
     published()
     ProcessedEvent.objects.create(consumer="someone.else", event_id="e-1")
@@ -297,7 +304,7 @@ def test_bounded_batches_go_through_every_due_row(broker: mock.Mock) -> None:
     assert len(set(sent_ids(broker))) == 7
 
 
-@pytest.mark.parametrize("size", [0, -1, True, 1.5, "10"])
+@pytest.mark.parametrize("size", [0, -1, True, 1.5, "10", 10_001, 10**30])
 def test_a_bad_batch_size_is_refused(size: Any) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         outbox.reconcile(batch_size=size)
