@@ -18,6 +18,27 @@ def processed_events_link(event_id: Any) -> str:
     return format_html('<a href="{}?{}">{}</a>', url, query, _("inbox records of this event"))
 
 
+class EventDerivedAdmin(admin.ModelAdmin):
+    """Rows that only events create and change: shown, never added, edited or deleted here.
+
+    An edit would contradict the inbox, which says the event's effect happened exactly once;
+    a correction is another event.
+    """
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        own = [f.name for f in self.model._meta.fields]
+        return [*own, *(f for f in super().get_readonly_fields(request, obj) if f not in own)]
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(Product)
 class ProductAdmin(admin.ModelAdmin):
     list_display = ("product_id", "name", "price", "stock")
@@ -40,6 +61,8 @@ class LedgerEntryInline(admin.TabularInline):
 class CustomerAdmin(admin.ModelAdmin):
     list_display = ("customer_id", "name", "balance")
     search_fields = ("customer_id", "name")
+    # The balance moves only with DebitAccount events (its ledger says which).
+    readonly_fields = ("balance",)
     inlines = [LedgerEntryInline]
 
 
@@ -65,7 +88,7 @@ class PaymentInline(admin.TabularInline):
 
 
 @admin.register(Order)
-class OrderAdmin(admin.ModelAdmin):
+class OrderAdmin(EventDerivedAdmin):
     list_display = (
         "order_id",
         "requested_customer_id",
@@ -86,13 +109,13 @@ class OrderAdmin(admin.ModelAdmin):
 
 
 @admin.register(OrderItem)
-class OrderItemAdmin(admin.ModelAdmin):
+class OrderItemAdmin(EventDerivedAdmin):
     list_display = ("order", "product", "quantity", "unit_price")
     list_select_related = ("order", "product")
 
 
 @admin.register(Payment)
-class PaymentAdmin(admin.ModelAdmin):
+class PaymentAdmin(EventDerivedAdmin):
     list_display = ("payment_id", "order", "amount", "currency", "received_at")
     search_fields = ("=payment_id", "=order__order_id", "=original_event_id")
     readonly_fields = ("original_event_id", "processed_events")
@@ -104,7 +127,7 @@ class PaymentAdmin(admin.ModelAdmin):
 
 
 @admin.register(LedgerEntry)
-class LedgerEntryAdmin(admin.ModelAdmin):
+class LedgerEntryAdmin(EventDerivedAdmin):
     list_display = ("customer", "amount", "reason", "balance_after", "created_at")
     search_fields = ("=customer__customer_id", "=original_event_id")
     readonly_fields = ("original_event_id", "processed_events")
@@ -116,7 +139,7 @@ class LedgerEntryAdmin(admin.ModelAdmin):
 
 
 @admin.register(Rejection)
-class RejectionAdmin(admin.ModelAdmin):
+class RejectionAdmin(EventDerivedAdmin):
     """Final rejections: an audit record that keeps a redelivery from being applied later."""
 
     list_display = ("original_event_id", "consumer", "reason", "created_at")
@@ -124,9 +147,3 @@ class RejectionAdmin(admin.ModelAdmin):
     search_fields = ("=original_event_id", "reason")
     date_hierarchy = "created_at"
     readonly_fields = ("original_event_id", "consumer", "reason", "result", "created_at")
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
+from django.core.validators import MaxLengthValidator, MinLengthValidator, RegexValidator
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product
@@ -14,12 +17,92 @@ MAX_QUANTITY = 10_000
 MAX_AMOUNT = Decimal("1000000.00")
 
 
+# The schema (/api/schema/) must allow exactly what these fields take: a value it allows is
+# never refused, and one it forbids never accepted. So every field below takes only its own JSON
+# type (REST framework's would turn 12 into "12", or "5" into 5), and the patterns it publishes
+# are checked on the value as sent, nothing trimmed first.
+
+#: An id (of an order, a product, a customer, a payment; a tracking number): 1 to 64 visible
+#: ASCII characters, no spaces.
+ID_PATTERN = r"^[!-~]{1,64}$"
+#: Free text: no NUL character (PostgreSQL cannot store one).
+TEXT_PATTERN = r"^[^\u0000]*$"
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string, never a number or a boolean turned into one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+@extend_schema_field({"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": 64})
+class IdField(StrictCharField):
+    def to_internal_value(self, data: Any) -> Any:
+        value = super().to_internal_value(data)
+        if not re.fullmatch(ID_PATTERN, value):
+            raise serializers.ValidationError(
+                "An id is 1 to 64 visible ASCII characters, without spaces."
+            )
+        return value
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer, never a string or a float that looks like one."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, int) or isinstance(data, bool):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 def id_field() -> serializers.CharField:
-    return serializers.CharField(max_length=64, allow_blank=False, trim_whitespace=True)
+    return IdField(max_length=64)
+
+
+def text_field(max_length: int) -> serializers.CharField:
+    return StrictCharField(
+        min_length=1, max_length=max_length, validators=[RegexValidator(TEXT_PATTERN)]
+    )
+
+
+#: An amount as the wire format writes it: a decimal string from 0.01 to 1000000.00 with at
+#: most two decimals (leading zeros allowed). The schema publishes the same pattern, so a value
+#: it allows is never refused, and the other way round.
+AMOUNT_PATTERN = (
+    r"^0*(?:[1-9][0-9]{0,5}(?:\.[0-9]{0,2})?|1000000(?:\.0{0,2})?|\.(?:0[1-9]|[1-9][0-9]?))$"
+)
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "format": "decimal",
+        "pattern": AMOUNT_PATTERN,
+        "example": "25.00",
+        "description": "A decimal string, 0.01 to 1000000.00, at most two decimals.",
+    }
+)
+class AmountField(serializers.DecimalField):
+    """Money as a decimal string: a JSON number would be a binary float on many clients."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str) or not re.fullmatch(AMOUNT_PATTERN, data):
+            raise serializers.ValidationError(
+                "An amount is a decimal string from 0.01 to 1000000.00 with at most two "
+                'decimals, e.g. "25.00".'
+            )
+        return super().to_internal_value(data)
 
 
 def amount_field() -> serializers.DecimalField:
-    return serializers.DecimalField(
+    return AmountField(
         max_digits=12, decimal_places=2, min_value=Decimal("0.01"), max_value=MAX_AMOUNT
     )
 
@@ -58,16 +141,26 @@ class EventSerializer(serializers.Serializer):
 
 class OrderLineSerializer(serializers.Serializer):
     productId = id_field()  # noqa: N815
-    quantity = serializers.IntegerField(min_value=1, max_value=MAX_QUANTITY)
+    quantity = StrictIntegerField(min_value=1, max_value=MAX_QUANTITY)
+
+
+def order_lines() -> serializers.ListSerializer[dict[str, Any]]:
+    """One to MAX_ITEMS order lines."""
+    return serializers.ListSerializer(
+        child=OrderLineSerializer(),
+        allow_empty=False,
+        max_length=MAX_ITEMS,
+        # Redundant with the two arguments above, which the schema generator does not read:
+        # they publish minItems and maxItems.
+        validators=[MinLengthValidator(1), MaxLengthValidator(MAX_ITEMS)],
+    )
 
 
 class PlaceOrderSerializer(EventSerializer):
     event_type = "PlaceOrder"
     orderId = id_field()  # noqa: N815
     customerId = id_field()  # noqa: N815
-    items: serializers.ListSerializer[dict[str, Any]] = serializers.ListSerializer(
-        child=OrderLineSerializer(), allow_empty=False, max_length=MAX_ITEMS
-    )
+    items = order_lines()
 
 
 class PaymentReceivedSerializer(EventSerializer):
@@ -75,14 +168,16 @@ class PaymentReceivedSerializer(EventSerializer):
     orderId = id_field()  # noqa: N815
     paymentId = id_field()  # noqa: N815
     amount = amount_field()
-    currency = serializers.RegexField(r"^[A-Z]{3}$", help_text="ISO 4217 code, e.g. USD")
+    currency = StrictCharField(
+        validators=[RegexValidator(r"\A[A-Z]{3}\Z")], help_text="ISO 4217 code, e.g. USD"
+    )
 
 
 class DebitAccountSerializer(EventSerializer):
     event_type = "DebitAccount"
     customerId = id_field()  # noqa: N815
     amount = amount_field()
-    reason = serializers.CharField(max_length=200)
+    reason = text_field(200)
 
 
 class OrderShippedSerializer(EventSerializer):
@@ -122,7 +217,7 @@ class OrderSerializer(serializers.ModelSerializer):
     paidAmount = serializers.DecimalField(source="paid_amount", max_digits=12, decimal_places=2)  # noqa: N815
     trackingNumber = serializers.CharField(source="tracking_number")  # noqa: N815
     createdAt = serializers.DateTimeField(source="created_at")  # noqa: N815
-    shippedAt = serializers.DateTimeField(source="shipped_at")  # noqa: N815
+    shippedAt = serializers.DateTimeField(source="shipped_at", allow_null=True)  # noqa: N815
     items = OrderItemSerializer(many=True)
     payments = PaymentSerializer(many=True)
 
@@ -176,19 +271,19 @@ class CustomerSerializer(serializers.ModelSerializer):
         return list(LedgerEntrySerializer(entries, many=True).data)
 
 
+CONSUMER_STATUSES = ["processed", "duplicate-discarded", "rejected", "mismatch", "dead_lettered"]
+
+
 class ConsumerStatusSerializer(serializers.Serializer):
     consumer = serializers.CharField()
-    status = serializers.ChoiceField(
-        choices=["processed", "duplicate-discarded", "rejected", "mismatch"]
-    )
-    reason = serializers.CharField()
-    processedAt = serializers.DateTimeField()  # noqa: N815
+    status = serializers.ChoiceField(choices=CONSUMER_STATUSES)
+    reason = serializers.CharField(help_text="Why it was rejected or dead-lettered.")
+    processedAt = serializers.DateTimeField(allow_null=True)  # noqa: N815
+    deadLetteredAt = serializers.DateTimeField(allow_null=True)  # noqa: N815
     duplicatesDiscarded = serializers.IntegerField()  # noqa: N815
 
 
 class EventStatusSerializer(serializers.Serializer):
     eventId = serializers.CharField()  # noqa: N815
-    status = serializers.ChoiceField(
-        choices=["pending", "processed", "duplicate-discarded", "rejected", "mismatch"]
-    )
+    status = serializers.ChoiceField(choices=["pending", *CONSUMER_STATUSES])
     consumers = ConsumerStatusSerializer(many=True)

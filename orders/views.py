@@ -9,16 +9,17 @@ from drf_spectacular.utils import (
     OpenApiResponse,
     PolymorphicProxySerializer,
     extend_schema,
+    extend_schema_view,
 )
 from rest_framework import generics, status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
 from idempotency import outbox
-from idempotency.models import Outcome, ProcessedEvent
+from idempotency.models import DeadLetter, OutboxMessage, Outcome, ProcessedEvent
 
 from .events import EVENT_TYPES
 from .models import Customer, Order, Product
@@ -164,16 +165,31 @@ def consumer_status(record: ProcessedEvent) -> str:
 
 
 #: The overall status is the most telling of its consumers' statuses.
-STATUS_PRECEDENCE = ["mismatch", "rejected", "duplicate-discarded", "processed"]
+STATUS_PRECEDENCE = ["mismatch", "dead_lettered", "rejected", "duplicate-discarded", "processed"]
+
+
+def dead_letter_reason(letter: DeadLetter) -> str:
+    """Why the letter was stored, in words, with the exception's first line when there is one."""
+    exception = letter.exception.strip().splitlines()[0] if letter.exception.strip() else ""
+    reason = str(letter.get_reason_display())
+    return f"{reason}: {exception}"[:500] if exception else reason
 
 
 class EventStatusView(APIView):
     """Where an event stands with each of its consumers."""
 
     @extend_schema(
-        responses={200: EventStatusSerializer},
-        description="`pending` until a consumer has processed the event. Duplicates are "
-        "counted only with IDEMPOTENCY['RECORD_DUPLICATES'] on (it is, in this project).",
+        responses={
+            200: EventStatusSerializer,
+            404: OpenApiResponse(
+                description="No record of this event: never posted, or purged since."
+            ),
+        },
+        description="`pending` while the event waits in the outbox or for a worker (or was "
+        "re-driven); `dead_lettered` when a consumer gave up on it and the dead letter was "
+        "not re-driven (the reason says why); otherwise the most telling of its consumers' "
+        "statuses. Duplicates are counted only with IDEMPOTENCY['RECORD_DUPLICATES'] on (it "
+        "is, in this project).",
     )
     def get(self, request: Request, event_id: str) -> Response:
         records = list(ProcessedEvent.objects.for_event(event_id).order_by("consumer"))
@@ -183,14 +199,45 @@ class EventStatusView(APIView):
                 "status": consumer_status(r),
                 "reason": r.reason,
                 "processedAt": r.processed_at,
+                "deadLetteredAt": None,
                 "duplicatesDiscarded": r.duplicate_count,
             }
             for r in records
         ]
+        letters = list(DeadLetter.objects.filter(event_id=event_id).order_by("-created_at", "-pk"))
+        # A consumer with an inbox record has its outcome; one whose latest letter was not
+        # re-driven gave up on the event. A re-driven letter leaves the event pending.
+        decided = {r.consumer for r in records}
+        for letter in letters:
+            if letter.task_name in decided:
+                continue
+            decided.add(letter.task_name)
+            if letter.redriven_at is None:
+                consumers.append(
+                    {
+                        "consumer": letter.task_name,
+                        "status": "dead_lettered",
+                        "reason": dead_letter_reason(letter),
+                        "processedAt": None,
+                        "deadLetteredAt": letter.created_at,
+                        "duplicatesDiscarded": 0,
+                    }
+                )
+        if (
+            not consumers
+            and not letters
+            and not OutboxMessage.objects.filter(event_id=event_id).exists()
+        ):
+            raise NotFound("No record of this event: never posted, or purged since.")
+        consumers.sort(key=lambda c: c["consumer"])
         statuses = {c["status"] for c in consumers}
         overall = next((s for s in STATUS_PRECEDENCE if s in statuses), "pending")
         body = {"eventId": event_id, "status": overall, "consumers": consumers}
         return Response(EventStatusSerializer(body).data)
+
+
+#: What a detail endpoint answers for an id it does not know.
+NOT_FOUND = OpenApiResponse(description="No such object.")
 
 
 class OrderListView(generics.ListAPIView):
@@ -199,7 +246,11 @@ class OrderListView(generics.ListAPIView):
     @extend_schema(
         parameters=[
             OpenApiParameter("customerId", OpenApiTypes.STR, description="Only this customer's")
-        ]
+        ],
+        responses={
+            200: OrderSerializer(many=True),
+            404: OpenApiResponse(description="No such page (past the last, or not a number)."),
+        },
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
@@ -212,6 +263,7 @@ class OrderListView(generics.ListAPIView):
         return orders.order_by("-created_at", "-pk")
 
 
+@extend_schema_view(get=extend_schema(responses={200: OrderSerializer, 404: NOT_FOUND}))
 class OrderDetailView(generics.RetrieveAPIView):
     queryset = Order.objects.prefetch_related("items__product", "payments")
     serializer_class = OrderSerializer
@@ -219,6 +271,7 @@ class OrderDetailView(generics.RetrieveAPIView):
     lookup_url_kwarg = "order_id"
 
 
+@extend_schema_view(get=extend_schema(responses={200: ProductSerializer, 404: NOT_FOUND}))
 class ProductDetailView(generics.RetrieveAPIView):
     queryset = Product.objects.all()
     serializer_class = ProductSerializer
@@ -226,6 +279,7 @@ class ProductDetailView(generics.RetrieveAPIView):
     lookup_url_kwarg = "product_id"
 
 
+@extend_schema_view(get=extend_schema(responses={200: CustomerSerializer, 404: NOT_FOUND}))
 class CustomerDetailView(generics.RetrieveAPIView):
     queryset = Customer.objects.all()
     serializer_class = CustomerSerializer

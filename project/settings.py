@@ -171,6 +171,13 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Orders example of django-idempotency",
     "DESCRIPTION": "Events posted here are applied exactly once by Celery workers.",
     "VERSION": "0.1.0",
+    # The API speaks JSON; the form parsers serve only the browsable API, and a form cannot
+    # carry an event's list of items, so the schema does not offer them.
+    "PARSER_WHITELIST": ["orders.parsers.JSONParser"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "orders.schema.strict_events",
+    ],
 }
 
 # --- Celery ---------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ from unittest import mock
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from idempotency.models import OutboxMessage
+from idempotency.models import DeadLetter, OutboxMessage
 from orders.models import Order
 from tests.celery_app import mocked_celery_app
 from tests.factories import (
@@ -250,6 +251,24 @@ def test_a_body_over_1_mib_is_a_413(producer_client: APIClient, published_all: m
         (place_order_event(items=[{"productId": "P", "quantity": 1}] * 101), "items"),
         (place_order_event(items=[{"productId": "P", "quantity": -1}]), "items"),
         (place_order_event(eventId=42), "eventId"),
+        # Each field takes only its own JSON type, and ids are visible ASCII without spaces
+        # (the schema says so; a value it forbids is refused, see test_schema.py).
+        (place_order_event(orderId=12), "orderId"),
+        (place_order_event(orderId=" ORD-1"), "orderId"),
+        (place_order_event(orderId="ORD\x001"), "orderId"),
+        (place_order_event(orderId="O" * 65), "orderId"),
+        (place_order_event(items=[{"productId": "P", "quantity": "2"}]), "items"),
+        (place_order_event(items=[{"productId": "P", "quantity": 2.0}]), "items"),
+        (place_order_event(items=[{"productId": "P", "quantity": True}]), "items"),
+        (place_order_event(items=[]), "items"),
+        (payment_received_event(amount=20), "amount"),
+        (payment_received_event(amount="20.00\n"), "amount"),
+        (payment_received_event(amount="1000000.01"), "amount"),
+        (payment_received_event(amount="0.00"), "amount"),
+        (payment_received_event(currency="USD\n"), "currency"),
+        (debit_account_event(reason=7), "reason"),
+        (debit_account_event(reason="fee\x00"), "reason"),
+        (order_shipped_event(trackingNumber=0), "trackingNumber"),
     ],
 )
 def test_field_errors_of_every_type(
@@ -266,13 +285,66 @@ def test_malformed_json_is_a_400(producer_client: APIClient) -> None:
     assert response.status_code == 400
 
 
-def test_event_status_across_consumers(api_client: APIClient) -> None:
-    event_id = "e-status"
-    assert api_client.get(f"/api/events/{event_id}/").json() == {
-        "eventId": event_id,
+def test_an_event_never_posted_is_a_404(api_client: APIClient) -> None:
+    response = api_client.get("/api/events/e-never/")
+    assert response.status_code == 404
+    assert "never posted" in response.json()["detail"]
+
+
+def test_an_event_in_the_outbox_is_pending(api_client: APIClient) -> None:
+    OutboxMessage.objects.create(task_name="orders.tasks.place_order", event_id="e-waiting")
+    assert api_client.get("/api/events/e-waiting/").json() == {
+        "eventId": "e-waiting",
         "status": "pending",
         "consumers": [],
     }
+
+
+def test_a_dead_lettered_event_says_so_with_the_reason(api_client: APIClient) -> None:
+    letter = DeadLetter.objects.create(
+        reason=DeadLetter.Reason.FAILED,
+        task_name="orders.tasks.payment_received",
+        event_id="e-dead",
+        args=[{"eventId": "e-dead"}],
+        exception="OrderNotYetKnown: no order ORD-404 yet\nsecond line",
+    )
+    response = api_client.get("/api/events/e-dead/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "dead_lettered"
+    [consumer] = body["consumers"]
+    assert consumer["consumer"] == "orders.tasks.payment_received"
+    assert consumer["status"] == "dead_lettered"
+    assert consumer["reason"] == "failed for good: OrderNotYetKnown: no order ORD-404 yet"
+    assert consumer["deadLetteredAt"] is not None
+    assert consumer["processedAt"] is None
+
+    # Re-driven: waiting for a worker again, no longer dead.
+    DeadLetter.objects.filter(pk=letter.pk).update(redriven_at=timezone.now())
+    assert api_client.get("/api/events/e-dead/").json()["status"] == "pending"
+
+    # Processed after the re-drive: the inbox record is the consumer's outcome.
+    ProcessedEventFactory(event_id="e-dead", consumer="orders.tasks.payment_received")
+    body = api_client.get("/api/events/e-dead/").json()
+    assert body["status"] == "processed"
+    assert [c["status"] for c in body["consumers"]] == ["processed"]
+
+
+def test_a_dead_letter_of_one_consumer_outranks_another_consumers_success(
+    api_client: APIClient,
+) -> None:
+    ProcessedEventFactory(event_id="e-split", consumer="a")
+    DeadLetter.objects.create(reason=DeadLetter.Reason.FAILED, task_name="b", event_id="e-split")
+    body = api_client.get("/api/events/e-split/").json()
+    assert body["status"] == "dead_lettered"
+    assert [(c["consumer"], c["status"]) for c in body["consumers"]] == [
+        ("a", "processed"),
+        ("b", "dead_lettered"),
+    ]
+
+
+def test_event_status_across_consumers(api_client: APIClient) -> None:
+    event_id = "e-status"
     ProcessedEventFactory(event_id=event_id, consumer="a")
     ProcessedEventFactory(event_id=event_id, consumer="b", duplicate_count=2)
     body = api_client.get(f"/api/events/{event_id}/").json()
