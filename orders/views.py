@@ -229,7 +229,7 @@ class EventStatusView(APIView):
             and not OutboxMessage.objects.filter(event_id=event_id).exists()
         ):
             raise NotFound("No record of this event: never posted, or purged since.")
-        consumers.sort(key=lambda c: c["consumer"])
+        consumers.sort(key=lambda c: str(c["consumer"]))
         statuses = {c["status"] for c in consumers}
         overall = next((s for s in STATUS_PRECEDENCE if s in statuses), "pending")
         body = {"eventId": event_id, "status": overall, "consumers": consumers}
