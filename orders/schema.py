@@ -22,4 +22,28 @@ def strict_events(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         event_type = component.get("properties", {}).get("eventType")
         if event_type is not None:
             event_type["enum"] = [name]
+    post = result.get("paths", {}).get("/api/events/", {}).get("post")
+    if post is not None:
+        _one_or_a_batch(post)
     return result
+
+
+def _one_or_a_batch(post: dict[str, Any]) -> None:
+    """``POST /api/events/`` takes an event or a list of them, and answers in kind."""
+    from .views import MAX_BATCH
+
+    body = post["requestBody"]
+    body["required"] = True  # an empty body is a 400, never an empty event
+    for content in body["content"].values():
+        content["schema"] = _or_a_list(content["schema"], MAX_BATCH)
+    for content in post["responses"].get("202", {}).get("content", {}).values():
+        content["schema"] = _or_a_list(content["schema"], MAX_BATCH)
+
+
+def _or_a_list(schema: dict[str, Any], most: int) -> dict[str, Any]:
+    return {
+        "oneOf": [
+            schema,
+            {"type": "array", "items": schema, "minItems": 1, "maxItems": most},
+        ]
+    }

@@ -63,6 +63,22 @@ def test_events_refuse_unknown_fields_and_other_types_in_the_schema_too(
         assert component["properties"]["eventType"]["enum"] == [name]
 
 
+def test_the_events_body_is_required_and_one_event_or_a_batch(schema: dict[str, Any]) -> None:
+    post = schema["paths"]["/api/events/"]["post"]
+    body = post["requestBody"]
+    assert body["required"] is True
+    one, batch = body["content"]["application/json"]["schema"]["oneOf"]
+    assert one == {"$ref": "#/components/schemas/Event"}
+    assert (batch["type"], batch["items"], batch["minItems"], batch["maxItems"]) == (
+        "array",
+        one,
+        1,
+        500,
+    )
+    accepted = post["responses"]["202"]["content"]["application/json"]["schema"]["oneOf"]
+    assert accepted[1]["items"] == accepted[0] == {"$ref": "#/components/schemas/Accepted"}
+
+
 def test_the_schema_offers_only_json(schema: dict[str, Any]) -> None:
     for path in ("/api/events/", "/api/orders/"):
         assert list(schema["paths"][path]["post"]["requestBody"]["content"]) == ["application/json"]
