@@ -9,9 +9,9 @@ PORT   ?= 8000
 # The fault-injection suite runs on PostgreSQL (a database of its own), RabbitMQ and Redis.
 FAULTS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/idempotency_faults
 
-.PHONY: run test lint clean faults soak dist nox
+.PHONY: run test lint clean faults soak dist nox docs
 
-$(STAMP): requirements/base.txt requirements/test.txt requirements/dev.txt
+$(STAMP): requirements/base.txt requirements/test.txt requirements/dev.txt requirements/docs.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements/dev.txt
@@ -33,6 +33,9 @@ soak: $(STAMP)  ## 10,000 events under kills, a broker restart and a database ou
 	DATABASE_URL=$(FAULTS_DATABASE_URL) REQUIRE_SERVICES=1 FAULTS_REPORT=docs/reliability.md \
 	  FAULTS_REPORT_SECTION=soak FAULTS_COMMAND="make soak$(if $(SOAK_EVENTS), SOAK_EVENTS=$(SOAK_EVENTS))" \
 	  $(BIN)/pytest -m soak tests/faults
+
+docs: $(STAMP)  ## the documentation site into var/site/ (strict: a broken link fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -221,7 +221,15 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_in": str(BROKER_DIR / "queue"),
         "data_folder_out": str(BROKER_DIR / "queue"),
         "control_folder": str(BROKER_DIR / "control"),
+        # kombu lists the directory once a second by default; a listing is cheap (a local
+        # directory). bench/embedded.py measures the embedded default.
+        "polling_interval": float(os.environ.get("CELERY_POLLING_INTERVAL", "0.05")),
     }
+    # kombu's filesystem transport, acknowledging as soon as a task is done instead of once per
+    # two-second wait (project/embedded_broker.py); CELERY_EMBEDDED_TRANSPORT=filesystem: kombu's.
+    CELERY_BROKER_TRANSPORT = os.environ.get(
+        "CELERY_EMBEDDED_TRANSPORT", "project.embedded_broker:Transport"
+    )
 elif CELERY_BROKER_URL.startswith(("amqp://", "pyamqp://")):
     # Publisher confirms: delay() returns only once RabbitMQ has taken the message.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
