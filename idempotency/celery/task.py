@@ -31,7 +31,7 @@ logger = logging.getLogger("idempotency")
 TRANSIENT_BACKOFF_FIRST = 0.25
 TRANSIENT_BACKOFF_MAX = 5.0
 
-#: The header RabbitMQ quorum queues count deliveries in (absent on a first delivery).
+#: The header RabbitMQ quorum queues count deliveries in (0 or absent on a first delivery).
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 #: Control flow of Celery's own: never a failure of the event.
@@ -54,7 +54,8 @@ def delivery_number(request: Any) -> int | None:
     """
     # The broker's own count includes the deliveries the wrapper gave back itself (an outage
     # waited out): only the durable counter, which takes those back, can tell them from deaths.
-    if getattr(request, DELIVERY_COUNT_HEADER, None) is not None:
+    # RabbitMQ 3.10 sends x-delivery-count 0 on a quorum queue's first delivery: not a redelivery.
+    if getattr(request, DELIVERY_COUNT_HEADER, None) not in (None, 0):
         return 0
     info = getattr(request, "delivery_info", None) or {}
     if info.get("redelivered") or getattr(request, "redelivered", False):

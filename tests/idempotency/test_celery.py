@@ -254,6 +254,8 @@ def test_delivery_number() -> None:
     assert delivery_number(request_with(redelivered=True)) == 0  # kombu's Redis header
     # Quorum queues count the deliveries given back during an outage too: counted durably.
     assert delivery_number(request_with(**{"x-delivery-count": 3})) == 0
+    # A quorum queue's first delivery on RabbitMQ 3.10 carries the header, at 0.
+    assert delivery_number(request_with(**{"x-delivery-count": 0})) is None
     assert delivery_number(Context({})) is None  # an eager call
 
 
