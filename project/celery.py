@@ -16,15 +16,33 @@ app.autodiscover_tasks()
 
 @signals.worker_init.connect
 def declare_dead_letter_queue(**kwargs: Any) -> None:
-    """RabbitMQ: make sure the queue that receives rejected messages exists."""
+    """Make sure the queue that receives rejected messages exists (RabbitMQ, SQS)."""
     from django.conf import settings
 
     from project.queues import dead_letter_queue
 
     with app.connection_for_write() as connection:
+        if connection.transport.driver_type == "sqs":
+            declare_sqs_queues(connection)
+            return
         if connection.transport.driver_type != "amqp":
             return
         dead_letter_queue(settings.CELERY_QUEUE).bind(connection.default_channel).declare()
+
+
+def declare_sqs_queues(connection: Any) -> None:
+    """SQS: the work queue's visibility timeout and redrive policy, and its dead-letter queue.
+
+    CELERY_SQS_DECLARE=0 skips it where the queues are managed elsewhere (Terraform, say) or
+    the worker may not change them (no sqs:CreateQueue / sqs:SetQueueAttributes).
+    """
+    from django.conf import settings
+
+    from project import sqs
+
+    if os.environ.get("CELERY_SQS_DECLARE", "1") == "0":
+        return
+    sqs.declare_from_connection(connection, settings.CELERY_QUEUE, settings.SQS_MAX_RECEIVE_COUNT)
 
 
 @signals.task_prerun.connect

@@ -208,7 +208,15 @@ CELERY_DB_REUSE_MAX = int(os.environ.get("CELERY_DB_REUSE_MAX", "1000"))
 
 CELERY_QUEUE = os.environ.get("CELERY_QUEUE", "orders")
 CELERY_TASK_DEFAULT_QUEUE = CELERY_QUEUE
-CELERY_TASK_QUEUES = [project_queues.work_queue(CELERY_QUEUE)]
+#: RabbitMQ: "classic", or "quorum" for a queue that dead-letters a message after
+#: QUEUE_DELIVERY_LIMIT redeliveries (project/queues.py, docs/celery.md).
+QUEUE_TYPE = os.environ.get("CELERY_QUEUE_TYPE", "classic")
+QUEUE_DELIVERY_LIMIT = int(
+    os.environ.get("CELERY_QUEUE_DELIVERY_LIMIT", project_queues.DEFAULT_DELIVERY_LIMIT)
+)
+CELERY_TASK_QUEUES = [
+    project_queues.work_queue(CELERY_QUEUE, QUEUE_TYPE, delivery_limit=QUEUE_DELIVERY_LIMIT)
+]
 CELERY_TASK_CREATE_MISSING_QUEUES = False
 # Keeps undecodable messages and unknown tasks as dead letters instead of dropping them.
 CELERY_WORKER_CONSUMER = "idempotency.celery:DeadLetterConsumer"
@@ -249,6 +257,21 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
         "socket_connect_timeout": 5,
         "socket_timeout": 10,
     }
+elif CELERY_BROKER_URL.startswith("sqs://"):
+    # kombu's SQS transport, with a reject that deletes and redeliveries flagged (project/sqs.py).
+    # The visibility timeout follows the same horizon rule as Redis's.
+    from project import sqs as project_sqs
+
+    CELERY_BROKER_TRANSPORT = "project.sqs:Transport"
+    CELERY_BROKER_TRANSPORT_OPTIONS = project_sqs.transport_options(
+        os.environ, visibility_timeout=CELERY_TASK_TIME_LIMIT + MAX_RETRY_DELAY + 300
+    )
+    #: Receives before SQS moves a message to <queue>-dead (project/celery.py declares it).
+    SQS_MAX_RECEIVE_COUNT = int(
+        os.environ.get("CELERY_SQS_MAX_RECEIVE_COUNT", project_sqs.DEFAULT_MAX_RECEIVE_COUNT)
+    )
+    # SQS has no broadcast: no remote control, no events.
+    CELERY_WORKER_ENABLE_REMOTE_CONTROL = False
 
 # --- The idempotency app --------------------------------------------------------------------
 IDEMPOTENCY = {

@@ -10,7 +10,7 @@ from tests.factories import CustomerFactory, ProductFactory, UserFactory
 from tests.services import required
 
 # Shared fixtures kept in modules of their own.
-pytest_plugins = ["tests.replica"]
+pytest_plugins = ["tests.replica", "tests.sqs"]
 
 
 @pytest.fixture

@@ -1,29 +1,37 @@
-"""The two brokers of the fault-injection suite, seen from the test: queue counts and restarts.
+"""The brokers of the fault-injection suite, seen from the test: queue counts and restarts.
 
 RabbitMQ is the shared node (restarted with ``rabbitmqctl stop_app``/``start_app``; its queues
 are durable and its messages persistent). Redis is a private ``redis-server`` the suite starts
 on a free port with an append-only file fsynced at every write, so a restart keeps every message
-and the shared Redis is never touched.
+and the shared Redis is never touched. SQS is a private ``moto_server`` (an emulator of the SQS
+API), started the same way.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import redis
+from botocore.exceptions import ClientError
 from kombu import Connection
 
 from project.queues import dead_letter_queue, work_queue
+from project.sqs import declare_queues, queue_names
+from project.sqs import transport_options as sqs_transport_options
 from tests.services import AMQP_URL, reachable, unavailable
+from tests.sqs import SQS_ENV, SQSEmulator
 
 
 @dataclass(frozen=True)
@@ -101,12 +109,20 @@ class RabbitMQ(Broker):
         # Publisher confirms, as project/settings.py sets them for the service's producers.
         return Connection(self.url, transport_options={"confirm_publish": True})
 
+    @property
+    def vhost(self) -> str:
+        """The URL's virtual host (``/`` when it names none), whose queues rabbitmqctl lists."""
+        path = unquote(urlsplit(self.url).path)
+        return path[1:] if len(path) > 1 else "/"
+
     def queue_state(self, name: str) -> QueueState:
         result = run(
             [
                 "rabbitmqctl",
                 "-q",
                 "list_queues",
+                "-p",
+                self.vhost,
                 "name",
                 "messages_ready",
                 "messages_unacknowledged",
@@ -314,3 +330,103 @@ class PrivateRedis(Broker):
 
     def version(self) -> str:
         return str(self.client.info("server")["redis_version"])
+
+
+class LocalSQS(Broker):
+    """The suite's SQS: a local emulator of the SQS API (tests/sqs.py), started once per run.
+
+    Each scenario's queues are declared as the example's worker declares them
+    (``project.sqs.declare_queues``): the work queue with a visibility timeout and a redrive
+    policy, and ``<queue>-dead``. The emulator keeps everything in memory: it cannot restart
+    with its messages, so the scenarios that restart or stop the broker do not run on SQS.
+    """
+
+    kind = "sqs"
+    #: What the workers, the relay and manage.py need to reach the emulator.
+    ENV = {
+        **SQS_ENV,
+        # A worker's poll returns within a second, so a stopped worker stops at once.
+        "CELERY_SQS_WAIT_TIME_SECONDS": "1",
+    }
+
+    def __init__(self, emulator: SQSEmulator) -> None:
+        self.emulator = emulator
+        self.url = emulator.url
+        self.client = emulator.client
+        #: The visibility timeout and receive limit the next declared queue gets.
+        self.visibility_timeout = 60
+        self.max_receive_count = 20
+
+    def connection(self) -> Connection:
+        options = sqs_transport_options(
+            {**os.environ, **self.ENV}, visibility_timeout=self.visibility_timeout
+        )
+        return Connection(self.url, transport_options=options)
+
+    def start(self) -> None:
+        self.emulator.start()
+
+    def stop(self) -> None:
+        self.emulator.stop()
+
+    def restart(self) -> None:
+        pytest.fail("the SQS emulator keeps its queues in memory: it cannot restart with them")
+
+    def ensure_running(self) -> None:
+        if not self.emulator.answers():
+            self.emulator.stop()
+            self.emulator.start()
+
+    def declare(self, name: str) -> dict[str, str]:
+        return declare_queues(
+            self.client,
+            name,
+            visibility_timeout=self.visibility_timeout,
+            max_receive_count=self.max_receive_count,
+        )
+
+    def _url(self, sqs_name: str) -> str | None:
+        try:
+            return str(self.client.get_queue_url(QueueName=sqs_name)["QueueUrl"])
+        except ClientError:
+            return None
+
+    def attributes(self, sqs_name: str) -> dict[str, str]:
+        url = self._url(sqs_name)
+        if url is None:
+            return {}
+        found = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
+        return dict(found["Attributes"])
+
+    def queue_state(self, name: str) -> QueueState:
+        work, dead = queue_names(name)
+        attrs = self.attributes(work)
+        dead_attrs = self.attributes(dead)
+        ready = int(attrs.get("ApproximateNumberOfMessages", 0)) + int(
+            attrs.get("ApproximateNumberOfMessagesDelayed", 0)
+        )
+        unacked = int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))
+        dead_count = sum(
+            int(dead_attrs.get(key, 0))
+            for key in ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible")
+        )
+        return QueueState(ready, unacked, 0, dead_count)
+
+    def dead_messages(self, name: str) -> list[dict[str, Any]]:
+        """The messages of ``<name>-dead``, received and made visible again at once."""
+        url = self._url(queue_names(name)[1])
+        if url is None:
+            return []
+        found = self.client.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, AttributeNames=["All"], VisibilityTimeout=0
+        )
+        return list(found.get("Messages", []))
+
+    def delete_queues(self, name: str) -> None:
+        for sqs_name in queue_names(name):
+            url = self._url(sqs_name)
+            if url is not None:
+                self.client.delete_queue(QueueUrl=url)
+
+    def version(self) -> str:
+        return f"moto {version('moto')} (an emulator of the SQS API)"

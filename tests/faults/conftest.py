@@ -8,18 +8,62 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.brokers import Broker, PrivateRedis, RabbitMQ
+from tests.faults.brokers import Broker, LocalSQS, PrivateRedis, RabbitMQ
 from tests.faults.harness import Scenario, postgres_version
 from tests.faults.ledger import seed_catalogue
 from tests.faults.report import Report
 from tests.services import AMQP_URL, ROOT, require_broker, require_postgres
+from tests.sqs import SQSEmulator
 
 REPORT = pytest.StashKey[Report]()
-BROKER_NAMES = ("rabbitmq", "redis")
+BROKER_NAMES = ("rabbitmq", "redis", "sqs")
+LABELS = {"rabbitmq": "RabbitMQ", "redis": "Redis", "sqs": "SQS"}
+
+#: The scenarios of the other modules that apply to SQS; the emulator keeps its queues in memory,
+#: so those that stop or restart the broker do not (tests/faults/test_sqs.py has SQS's own).
+SQS_SCENARIOS = frozenset(
+    {
+        "test_same_event_published_three_times",
+        "test_child_killed_after_commit_before_ack",
+        "test_child_killed_inside_the_transaction",
+        "test_whole_worker_killed_in_a_burst",
+        "test_two_workers_receive_the_same_event",
+        "test_published_twice_under_two_task_ids",
+        "test_poison_messages_dead_lettered_then_redriven",
+        "test_two_consumers_of_the_same_event",
+    }
+)
+#: The work queue's visibility timeout on SQS: long enough that a paused task is not handed out
+#: again, except where a scenario waits for a dead worker's messages to come back.
+SQS_VISIBILITY = {"test_whole_worker_killed_in_a_burst": 10}
+SQS_DEFAULT_VISIBILITY = 60
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[REPORT] = Report()
+
+
+def _on_sqs(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("broker") == "sqs"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run on SQS only the scenarios that apply to it."""
+    keep, dropped = [], []
+    for item in items:
+        module = getattr(getattr(item, "module", None), "__name__", "")
+        if (
+            _on_sqs(item)
+            and getattr(item, "originalname", item.name) not in SQS_SCENARIOS
+            and not module.endswith("test_sqs")
+        ):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -88,14 +132,31 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateR
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def local_sqs(sqs_emulator: SQSEmulator) -> LocalSQS:
+    """The SQS emulator of tests/sqs.py (moto_server on a free loopback port) as a broker."""
+    return LocalSQS(sqs_emulator)
+
+
 @pytest.fixture(params=BROKER_NAMES)
-def broker(request: pytest.FixtureRequest) -> Broker:
+def broker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Broker:
     require_postgres()
-    name = "private_redis" if request.param == "redis" else request.param
+    name = {"redis": "private_redis", "sqs": "local_sqs"}.get(request.param, request.param)
     server: Broker = request.getfixturevalue(name)
+    if isinstance(server, LocalSQS):
+        server.visibility_timeout = SQS_VISIBILITY.get(
+            getattr(request.node, "originalname", ""), SQS_DEFAULT_VISIBILITY
+        )
+        server.max_receive_count = 20
+        # The workers, the relay and manage.py inherit them (tests/services.py: os.environ).
+        for key, value in {
+            **LocalSQS.ENV,
+            "CELERY_VISIBILITY_TIMEOUT": str(server.visibility_timeout),
+            "CELERY_SQS_MAX_RECEIVE_COUNT": str(server.max_receive_count),
+        }.items():
+            monkeypatch.setenv(key, value)
     report = request.config.stash[REPORT]
-    label = "Redis" if server.kind == "redis" else "RabbitMQ"
-    report.versions.setdefault(label, server.version())
+    report.versions.setdefault(LABELS[server.kind], server.version())
     return server
 
 
@@ -113,6 +174,9 @@ def scenario(
         directory = tmp_path / f"scenario-{len(created)}"
         made = Scenario(number, title, broker, directory, report, request.node.nodeid)
         created.append(made)
+        if isinstance(broker, LocalSQS):
+            # As the example's worker declares them (project/celery.py), before the first send.
+            broker.declare(made.queue)
         return made
 
     yield start

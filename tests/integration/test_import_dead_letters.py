@@ -155,5 +155,5 @@ def test_bad_brokers_and_queues_are_command_errors(queue_name: str) -> None:
     with pytest.raises(CommandError, match="--limit must be at least 1"):
         run_import("--queue", f"{queue_name}.dead", "--limit", "0")
     require_broker(REDIS_URL)
-    with pytest.raises(CommandError, match="reads RabbitMQ dead-letter queues"):
+    with pytest.raises(CommandError, match="reads RabbitMQ and SQS dead-letter queues"):
         call_command("dead_letters", "import", "--broker", REDIS_URL, stdout=StringIO())

@@ -32,8 +32,8 @@ class Command(BaseCommand):
         redrive.add_argument("--task", help="with --all: only this task")
         imports = sub.add_parser(
             "import",
-            help="move the messages of RabbitMQ dead-letter queues into dead letters (reason "
-            "broker), so list and redrive see them",
+            help="move the messages of RabbitMQ or SQS dead-letter queues into dead letters "
+            "(reason broker), so list and redrive see them",
         )
         imports.add_argument(
             "--queue",
@@ -117,9 +117,10 @@ class Command(BaseCommand):
                 "with an x-dead-letter-exchange (see project.queues.work_queue)"
             )
         with Connection(broker or conf.broker_url, connect_timeout=10) as connection:
-            if connection.transport.driver_type != "amqp":
+            # SQS: <queue>-dead, where the work queue's redrive policy moves a message.
+            if connection.transport.driver_type not in ("amqp", "sqs"):
                 raise CommandError(
-                    f"dead_letters import reads RabbitMQ dead-letter queues; the broker "
+                    f"dead_letters import reads RabbitMQ and SQS dead-letter queues; the broker "
                     f"{connection.as_uri()} is {connection.transport.driver_type}, which keeps "
                     "none (its failed messages are already dead letters in the database)"
                 )
