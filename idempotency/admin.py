@@ -5,8 +5,8 @@ Django's admin autodiscovery imports ``idempotency.admin``; each admin lives wit
 
 from __future__ import annotations
 
-from .admin_http import IdempotencyKeyAdmin
 from .deadletters.admin import DeadLetterAdmin
+from .http.admin import IdempotencyKeyAdmin
 from .inbox.admin import ProcessedEventAdmin
 from .outbox.admin import OutboxMessageAdmin
 

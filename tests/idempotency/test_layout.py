@@ -104,7 +104,8 @@ def test_the_public_paths_stay_put(dotted: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "package", ["idempotency.inbox", "idempotency.outbox", "idempotency.deadletters"]
+    "package",
+    ["idempotency.inbox", "idempotency.http", "idempotency.outbox", "idempotency.deadletters"],
 )
 def test_a_capability_exports_what_it_lists(package: str) -> None:
     face = importlib.import_module(package)

@@ -24,15 +24,15 @@ from rest_framework.test import APIClient
 from idempotency import http
 from idempotency.exceptions import IdempotencyConfigurationError
 from idempotency.fingerprint import fingerprint
-from idempotency.http import MAX_KEY_LENGTH, PROBLEM_CONTENT_TYPE, parse_key
+from idempotency.http import MAX_KEY_LENGTH, PROBLEM_CONTENT_TYPE, handshake, parse_key
 from idempotency.models import IdempotencyKey, KeyState
 from orders.models import Customer
 from tests.factories import UserFactory
-from tests.idempotency import http_urls
+from tests.idempotency.http import http_urls
 from tests.outage import Outage, outage_control
 from tests.services import in_thread, require_postgres, wait_for
 
-pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.idempotency.http_urls")]
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.idempotency.http.http_urls")]
 
 
 @pytest.fixture(autouse=True)
@@ -254,13 +254,13 @@ def test_a_request_in_flight_is_a_409_with_retry_after(api_client: APIClient, us
 @pytest.fixture
 def without_row_locks(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on SQLite, whichever the database: only the lease tells a dead request's marker."""
-    monkeypatch.setattr(http, "_locks_prove_liveness", lambda using: False)
+    monkeypatch.setattr(handshake, "_locks_prove_liveness", lambda using: False)
 
 
 @pytest.fixture
 def with_row_locks(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on PostgreSQL, whichever the database: a live request holds its marker's lock."""
-    monkeypatch.setattr(http, "_locks_prove_liveness", lambda using: True)
+    monkeypatch.setattr(handshake, "_locks_prove_liveness", lambda using: True)
 
 
 @pytest.mark.usefixtures("without_row_locks")
@@ -607,7 +607,7 @@ def test_a_request_that_died_is_taken_over_without_waiting_for_its_lease(
 
     http_urls.hooks["inside"] = hold
     # A dead process runs no clean-up: nothing releases its key.
-    monkeypatch.setattr(http, "_release", lambda record, using: None)
+    monkeypatch.setattr(handshake, "_release", lambda record, using: None)
     errors: list[BaseException] = []
     responses: list[Any] = []
     first = in_thread(lambda: responses.append(post(token_client(user), {"name": "ann"})), errors)
@@ -649,7 +649,7 @@ def outage_before_the_lock(
 
     Returns the monotonic times at which it went away (one entry, once it has).
     """
-    lock = http._lock
+    lock = handshake._lock
     started: list[float] = []
 
     def lock_after_an_outage(record: IdempotencyKey, using: str) -> IdempotencyKey | None:
@@ -658,7 +658,7 @@ def outage_before_the_lock(
             outage.begin(seconds)
         return lock(record, using)
 
-    monkeypatch.setattr(http, "_lock", lock_after_an_outage)
+    monkeypatch.setattr(handshake, "_lock", lock_after_an_outage)
     return started
 
 
@@ -720,10 +720,10 @@ def test_a_release_that_cannot_be_written_is_retried_then_given_up(
         attempts.append(time.monotonic())
         raise OperationalError("the database went away")
 
-    monkeypatch.setattr(http, "_lock", unavailable)
-    http._release(record, "default")
-    assert len(attempts) == len(http._RELEASE_PAUSES)
-    assert attempts[-1] - attempts[0] <= http._RELEASE_BUDGET + 0.5
+    monkeypatch.setattr(handshake, "_lock", unavailable)
+    handshake._release(record, "default")
+    assert len(attempts) == len(handshake._RELEASE_PAUSES)
+    assert attempts[-1] - attempts[0] <= handshake._RELEASE_BUDGET + 0.5
     assert "could not release idempotency key" in caplog.text
     assert IdempotencyKey.objects.filter(pk=record.pk).exists()
 
@@ -738,8 +738,8 @@ def test_inside_a_transaction_of_the_callers_a_failed_release_is_not_retried(
         attempts.append(time.monotonic())
         raise OperationalError("the database went away")
 
-    monkeypatch.setattr(http, "_lock", unavailable)
-    http._release(marker("user:x"), "default")  # the test's transaction is the caller's
+    monkeypatch.setattr(handshake, "_lock", unavailable)
+    handshake._release(marker("user:x"), "default")  # the test's transaction is the caller's
     assert len(attempts) == 1
 
 
