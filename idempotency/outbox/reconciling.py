@@ -150,7 +150,7 @@ def consumer_of(message: Any, tasks: Any) -> Consumer | str:
 
 def _processed(wanted: Iterable[Consumer]) -> set[tuple[str, str, str]]:
     """Those of *wanted* (as (using, consumer, key)) that have an inbox record."""
-    from ..models import ProcessedEvent
+    from ..inbox.models import ProcessedEvent
 
     by_alias: dict[str, set[tuple[str, str]]] = {}
     for item in wanted:
@@ -170,7 +170,7 @@ def _processed(wanted: Iterable[Consumer]) -> set[tuple[str, str, str]]:
 
 def _dead_lettered(messages: list[Any], keys: dict[int, Consumer]) -> set[int]:
     """The pks of *messages* that have a dead letter: by task id, or by task name and key."""
-    from ..models import DeadLetter
+    from ..deadletters.models import DeadLetter
 
     letters = DeadLetter.objects.using(router.db_for_write(DeadLetter) or DEFAULT_DB_ALIAS)
     task_ids = {str(m.task_id): m.pk for m in messages}

@@ -183,3 +183,124 @@ def test_the_models_and_admin_load_without_celery_or_drf() -> None:
         "ProcessedEvent",
     ]
     assert admins == ["DeadLetter", "IdempotencyKey", "OutboxMessage", "ProcessedEvent"]
+
+
+# --- Layering: shared pieces below the capabilities, the integrations and faces above -------
+
+APP = ROOT / "idempotency"
+CAPABILITIES = ("inbox", "http", "outbox", "deadletters")
+#: Modules every capability may build on; they import no capability.
+SHARED = (
+    "admin_base",
+    "clock",
+    "conf",
+    "entities",
+    "exceptions",
+    "fingerprint",
+    "keys",
+    "metrics",
+    "signals",
+    "transient",
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, *, top_level_only: bool) -> set[str]:
+    """The idempotency modules *path* imports (a name imported from a package counts as
+    the submodule when there is one)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path.parent)
+    nodes: list[ast.AST]
+    if top_level_only:
+        # What runs when the module is imported: not function bodies, not TYPE_CHECKING.
+        nodes = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    else:
+        nodes = list(ast.walk(tree))
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("idempotency"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            if not target.startswith("idempotency"):
+                continue
+            for alias in node.names:
+                candidate = f"{target}.{alias.name}"
+                as_path = ROOT / candidate.replace(".", "/")
+                is_module = (
+                    as_path.with_suffix(".py").exists() or (as_path / "__init__.py").exists()
+                )
+                found.add(candidate if is_module else target)
+    return found
+
+
+def _app_modules() -> dict[str, Path]:
+    return {
+        _module_name(path): path for path in APP.rglob("*.py") if "migrations" not in path.parts
+    }
+
+
+def _group(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_each_capability_is_a_package_with_its_model_and_admin() -> None:
+    for capability in CAPABILITIES:
+        for part in ("__init__", "models", "admin"):
+            assert (APP / capability / f"{part}.py").is_file(), f"{capability}/{part}.py"
+
+
+def test_no_import_runs_back_up() -> None:
+    """Shared modules import no capability; a capability imports shared modules and other
+    capabilities' modules, never the faces (models, admin) or the integrations above."""
+    wrong = []
+    for module, path in _app_modules().items():
+        group = _group(module)
+        for target in _imports(path, top_level_only=False):
+            into = _group(target)
+            if into == group:
+                continue
+            if group in SHARED and into not in SHARED:
+                wrong.append(f"{module} -> {target}")
+            if group in CAPABILITIES and into not in (*SHARED, *CAPABILITIES):
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, wrong
+
+
+def test_no_import_cycles() -> None:
+    graph = {
+        module: {t for t in _imports(path, top_level_only=True) if t != module}
+        for module, path in _app_modules().items()
+    }
+    done: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        if module in trail:
+            cycles.append([*trail[trail.index(module) :], module])
+            return
+        if module in done:
+            return
+        for target in sorted(graph.get(module, ())):
+            visit(target, [*trail, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert not cycles, cycles
+    assert graph["idempotency.models"] >= {f"idempotency.{c}.models" for c in CAPABILITIES}
+
+
+def test_the_app_imports_nothing_from_the_example_project() -> None:
+    for path in APP.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(from|import) (orders|project)\b", text, re.M), path
