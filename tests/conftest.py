@@ -10,7 +10,9 @@ from tests.factories import CustomerFactory, ProductFactory, UserFactory
 from tests.services import required
 
 # Shared fixtures kept in modules of their own.
-pytest_plugins = ["tests.replica", "tests.sqs"]
+# idempotency.testing's plugin is registered by its entry point once the package is installed;
+# from the source tree it is listed here.
+pytest_plugins = ["tests.replica", "tests.sqs", "idempotency.testing.pytest_plugin"]
 
 
 @pytest.fixture
