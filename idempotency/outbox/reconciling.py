@@ -324,6 +324,22 @@ def _reconcile_batch(
     return _republish(resend, consumers, rows, limit, result)
 
 
+def _signal(signal: Any, message: Any, consumer: Consumer, using: str) -> None:
+    """Send *signal* for *message*; a receiver's error is logged, never raised: the republish
+    has reached the broker already, and rolling back its record would only send it again."""
+    for receiver, response in signal.send_robust(
+        sender=type(message), consumer=consumer.consumer, count=1, using=using
+    ):
+        if isinstance(response, Exception):
+            logger.error(
+                "outbox reconcile: the signal receiver %r failed for message %s: %r",
+                receiver,
+                message.pk,
+                response,
+                exc_info=response,
+            )
+
+
 def _give_up(message: Any, consumer: Consumer, rows: Any, after: timedelta) -> None:
     error = (
         f"no outcome seen for event {consumer.key!r} of consumer {consumer.consumer!r} "
@@ -334,9 +350,7 @@ def _give_up(message: Any, consumer: Consumer, rows: Any, after: timedelta) -> N
     )
     # Back among the failed rows, with its reason, where the admin and --retry-failed find it.
     rows.filter(pk=message.pk).update(published_at=None, failed_at=Now(), last_error=error)
-    signals.outbox_unresolved.send(
-        sender=type(message), consumer=consumer.consumer, count=1, using=rows.db
-    )
+    _signal(signals.outbox_unresolved, message, consumer, rows.db)
     logger.error(
         "outbox reconcile: message %s (%s, event %r) set aside as failed: %s",
         message.pk,
@@ -365,9 +379,7 @@ def _republish(
     by_pk = {m.pk: m for m in resend}
     for pk in sent.sent:
         message, consumer = by_pk[pk], consumers[pk]
-        signals.outbox_republished.send(
-            sender=type(message), consumer=consumer.consumer, count=1, using=rows.db
-        )
+        _signal(signals.outbox_republished, message, consumer, rows.db)
         logger.warning(
             "outbox reconcile: message %s (%s, event %r) republished: no outcome seen for "
             "consumer %r since it was published at %s (republish %d of at most %d)",

@@ -351,6 +351,23 @@ def test_republishes_and_give_ups_are_signalled(broker: mock.Mock) -> None:
     ]
 
 
+def test_a_raising_receiver_does_not_undo_a_republish(
+    broker: mock.Mock, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("a project's receiver with a bug")
+
+    signals.outbox_republished.connect(broken)
+    try:
+        message = published()
+        assert outbox.reconcile().republished == 1
+    finally:
+        signals.outbox_republished.disconnect(broken)
+    message.refresh_from_db()
+    assert message.republished == 1  # recorded: the next run does not send it again
+    assert "a project's receiver with a bug" in caplog.text
+
+
 # --- Where it runs ------------------------------------------------------------------------------
 
 
