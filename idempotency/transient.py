@@ -13,7 +13,11 @@ transient, which errs on the side of keeping the message.
 
 from __future__ import annotations
 
-from django.db import DatabaseError, InterfaceError
+import contextlib
+import random
+import time
+
+from django.db import DatabaseError, InterfaceError, connections
 
 #: The exception classes a transient error is raised as. Every transient error is an instance of
 #: one of them, but not every instance is transient (an ``IntegrityError`` is a
@@ -118,3 +122,42 @@ def is_transient(exc: BaseException) -> bool:
 
 
 _DBAPI_TRANSIENT = frozenset({"OperationalError", "InterfaceError"})
+
+
+#: The first in-process pause after a transient error, and the longest; each pause doubles,
+#: with jitter, so workers that lost the database together do not come back together.
+TRANSIENT_BACKOFF_FIRST = 0.25
+TRANSIENT_BACKOFF_MAX = 5.0
+
+
+class TransientWait:
+    """The in-process wait of one delivery: capped exponential backoff with jitter."""
+
+    def __init__(self, window: float) -> None:
+        self.deadline = time.monotonic() + window
+        self.pauses = 0
+
+    def pause(self) -> bool:
+        """Sleep before the next attempt; False when the window is spent (give the message back)."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        delay = min(TRANSIENT_BACKOFF_MAX, TRANSIENT_BACKOFF_FIRST * 2**self.pauses)
+        delay = delay / 2 + random.uniform(0, delay / 2)  # jitter, not secrecy
+        time.sleep(min(delay, remaining))
+        self.pauses += 1
+        return True
+
+
+def drop_connections() -> None:
+    """Close the connections a transient error may have broken, so the next attempt reconnects.
+
+    A connection inside an atomic block belongs to a caller (an eager task in a transaction of
+    its own): closing it would break that transaction, so it is left alone.
+    """
+    for connection in connections.all(initialized_only=True):
+        if connection.in_atomic_block:
+            continue
+        # Closing a dead connection may fail; Django forgets it either way.
+        with contextlib.suppress(DatabaseError):
+            connection.close()

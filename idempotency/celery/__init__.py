@@ -21,15 +21,10 @@ Where each part lives: :mod:`.task` (``IdempotentTask``, the delivery rules abov
 
 from __future__ import annotations
 
+from ..transient import TRANSIENT_BACKOFF_FIRST, TRANSIENT_BACKOFF_MAX
 from .consumer import DeadLetterConsumer
 from .decorator import SAFE_TASK_OPTIONS, idempotent_task
-from .task import (
-    DELIVERY_COUNT_HEADER,
-    TRANSIENT_BACKOFF_FIRST,
-    TRANSIENT_BACKOFF_MAX,
-    IdempotentTask,
-    delivery_number,
-)
+from .task import DELIVERY_COUNT_HEADER, IdempotentTask, delivery_number
 
 __all__ = [
     "DELIVERY_COUNT_HEADER",

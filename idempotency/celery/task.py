@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import time
 import traceback
 from typing import Any, NoReturn
 
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
-from django.db import DatabaseError, connections
 
 from .. import deadletters
 from ..conf import app_settings
@@ -23,13 +20,10 @@ from ..exceptions import AfterCommitError, InvalidEvent, InvalidEventId
 from ..inbox import inbox_database
 from ..keys import KeySpec, extract_key
 from ..transient import TRANSIENT_ERRORS, is_transient
+from ..transient import TransientWait as _TransientWait
+from ..transient import drop_connections as _drop_connections
 
 logger = logging.getLogger("idempotency")
-
-#: The first in-process pause after a transient error, and the longest; each pause doubles,
-#: with jitter, so workers that lost the database together do not come back together.
-TRANSIENT_BACKOFF_FIRST = 0.25
-TRANSIENT_BACKOFF_MAX = 5.0
 
 #: The header RabbitMQ quorum queues count deliveries in (0 or absent on a first delivery).
 DELIVERY_COUNT_HEADER = "x-delivery-count"
@@ -61,39 +55,6 @@ def delivery_number(request: Any) -> int | None:
     if info.get("redelivered") or getattr(request, "redelivered", False):
         return 0
     return None
-
-
-class _TransientWait:
-    """The in-process wait of one delivery: capped exponential backoff with jitter."""
-
-    def __init__(self, window: float) -> None:
-        self.deadline = time.monotonic() + window
-        self.pauses = 0
-
-    def pause(self) -> bool:
-        """Sleep before the next attempt; False when the window is spent (give the message back)."""
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        delay = min(TRANSIENT_BACKOFF_MAX, TRANSIENT_BACKOFF_FIRST * 2**self.pauses)
-        delay = delay / 2 + random.uniform(0, delay / 2)  # jitter, not secrecy
-        time.sleep(min(delay, remaining))
-        self.pauses += 1
-        return True
-
-
-def _drop_connections() -> None:
-    """Close the connections a transient error may have broken, so the next attempt reconnects.
-
-    A connection inside an atomic block belongs to a caller (an eager task in a transaction of
-    its own): closing it would break that transaction, so it is left alone.
-    """
-    for connection in connections.all(initialized_only=True):
-        if connection.in_atomic_block:
-            continue
-        # Closing a dead connection may fail; Django forgets it either way.
-        with contextlib.suppress(DatabaseError):
-            connection.close()
 
 
 class IdempotentTask(DjangoTask):

@@ -1,0 +1,49 @@
+"""Consumers outside Celery: a service's own loop over a broker, with the inbox's guarantee.
+
+A message leaves the broker only once its outcome is durable: the handler runs inside
+:class:`~idempotency.inbox.idempotent` (claim and effect in one transaction), and the message is
+acknowledged after that transaction commits, or after its dead letter is stored; otherwise it
+goes back to the broker. See docs/consumers.md.
+
+- :mod:`.processing`: :class:`EventConsumer`, the broker-neutral core (:class:`Delivery` in,
+  :class:`Outcome` out), which the adapters and a hand-written loop (Kafka) share.
+- :mod:`.kombu`: :class:`KombuConsumer`, a ``kombu.Consumer`` loop (RabbitMQ, Redis, SQS).
+- :mod:`.nats`: :class:`JetStreamConsumer`, a NATS JetStream pull consumer (needs ``nats-py``).
+
+``manage.py consume_events`` runs either adapter's loop with a graceful stop on SIGTERM.
+The adapters are loaded on first use, so the core needs neither kombu nor nats-py.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from .processing import Decision, Delivery, EventConsumer, Outcome
+
+if TYPE_CHECKING:
+    from .kombu import KombuConsumer
+    from .nats import JetStreamConsumer
+
+_ADAPTERS = {"KombuConsumer": ".kombu", "JetStreamConsumer": ".nats"}
+
+__all__ = [
+    "Decision",
+    "Delivery",
+    "EventConsumer",
+    "JetStreamConsumer",
+    "KombuConsumer",
+    "Outcome",
+]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _ADAPTERS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    return getattr(import_module(module, __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_ADAPTERS})

@@ -1,0 +1,172 @@
+"""Run a plain consumer loop (kombu or NATS JetStream) the way a worker is run."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections import Counter
+from types import FrameType
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils.module_loading import import_string
+
+from idempotency.consumers import EventConsumer, Outcome
+from idempotency.exceptions import IdempotencyConfigurationError
+
+ADAPTERS = ("kombu", "nats")
+
+
+def _seconds(value: float | None, name: str, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and low_ok and value <= 86_400):
+        raise CommandError(f"{name} must be a number of seconds, more than 0 and at most 86400")
+
+
+class Command(BaseCommand):
+    help = (
+        "Consume events from a broker with a handler of yours, outside Celery: each message is "
+        "processed inside the inbox's transaction and acknowledged only after it commits (or "
+        "after its dead letter is stored); otherwise it goes back to the broker. SIGTERM or "
+        "SIGINT finishes the message in hand, acknowledges it and exits 0. "
+        "kombu: --url and --queue (RabbitMQ, Redis, SQS); nats: --stream, --subject, --durable."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("adapter", choices=ADAPTERS, help="the broker client")
+        parser.add_argument(
+            "--handler",
+            required=True,
+            help="dotted path of the handler, a callable taking the decoded event",
+        )
+        parser.add_argument(
+            "--consumer", help="the inbox's consumer name (default: the handler's dotted path)"
+        )
+        parser.add_argument("--key", help="the event's key path (default: the KEY setting)")
+        parser.add_argument("--url", help="kombu: the broker URL (amqp://, redis://, sqs://)")
+        parser.add_argument(
+            "--queue", action="append", default=[], help="kombu: a queue to consume (repeatable)"
+        )
+        parser.add_argument(
+            "--servers", default="nats://127.0.0.1:4222", help="nats: the server URL(s), comma"
+        )
+        parser.add_argument("--stream", help="nats: the JetStream stream")
+        parser.add_argument("--subject", help="nats: the subject (filter) to consume")
+        parser.add_argument("--durable", help="nats: the durable pull consumer's name")
+        parser.add_argument(
+            "--ack-wait", type=float, default=60.0, help="nats: seconds before a redelivery"
+        )
+        parser.add_argument("--limit", type=int, help="stop after this many messages")
+        parser.add_argument(
+            "--idle-timeout", type=float, help="stop after this many seconds with no message"
+        )
+        parser.add_argument(
+            "--transient-window",
+            type=float,
+            help="seconds a transient database error is waited out before the message goes "
+            "back (default: TRANSIENT_RETRY_WINDOW)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        events = self._event_consumer(options)
+        stop = threading.Event()
+        counts: Counter[str] = Counter()
+        verbosity = int(options["verbosity"])
+
+        def report(outcome: Outcome) -> None:
+            counts[outcome.status] += 1
+            if verbosity >= 2:
+                self.stdout.write(f"{outcome.status} {outcome.event_id}".rstrip())
+
+        adapter = self._adapter(options, events, report)
+        previous = self._on_stop_signals(stop)
+        where = (
+            ", ".join(options["queue"])
+            if options["adapter"] == "kombu"
+            else f"{options['stream']}/{options['subject']}"
+        )
+        self.stdout.write(f"consuming {where} with {events.consumer} (SIGTERM to stop)")
+        try:
+            handled = adapter.run_sync(
+                stop=stop, limit=options["limit"], idle_timeout=options["idle_timeout"]
+            )
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"stopped after {handled} message(s)" + (f": {summary}" if summary else "")
+            )
+        )
+
+    def _event_consumer(self, options: dict[str, Any]) -> EventConsumer:
+        path = options["handler"]
+        try:
+            handler = import_string(path)
+        except ImportError as exc:
+            raise CommandError(f"--handler {path!r} cannot be imported: {exc}") from None
+        limit = options["limit"]
+        if limit is not None and limit < 1:
+            raise CommandError("--limit must be at least 1")
+        _seconds(options["idle_timeout"], "--idle-timeout")
+        _seconds(options["transient_window"], "--transient-window", allow_zero=True)
+        try:
+            return EventConsumer(
+                handler,
+                consumer=options["consumer"] or path,
+                key=options["key"] or None,
+                transient_window=options["transient_window"],
+            )
+        except IdempotencyConfigurationError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _adapter(self, options: dict[str, Any], events: EventConsumer, report: Any) -> Any:
+        if options["adapter"] == "kombu":
+            if not options["url"]:
+                raise CommandError("kombu needs --url (the broker URL)")
+            if not options["queue"]:
+                raise CommandError("kombu needs at least one --queue")
+            from idempotency.consumers.kombu import KombuConsumer
+
+            try:
+                return KombuConsumer(options["url"], options["queue"], events, on_outcome=report)
+            except (KeyError, ValueError) as exc:  # an unknown transport, a malformed URL
+                raise CommandError(f"--url {options['url']!r}: {exc}") from None
+        missing = [name for name in ("stream", "subject", "durable") if not options[name]]
+        if missing:
+            raise CommandError("nats needs " + ", ".join(f"--{name}" for name in missing))
+        _seconds(options["ack_wait"], "--ack-wait")
+        try:
+            from idempotency.consumers.nats import JetStreamConsumer
+        except ImportError as exc:  # nats-py is an extra
+            raise CommandError(f"nats needs nats-py (django-idempotency[nats]): {exc}") from None
+        servers = [url.strip() for url in options["servers"].split(",") if url.strip()]
+        if not servers:
+            raise CommandError("--servers names no server")
+        try:
+            return JetStreamConsumer(
+                events,
+                servers=servers,
+                stream=options["stream"],
+                subject=options["subject"],
+                durable=options["durable"],
+                ack_wait=options["ack_wait"],
+                on_outcome=report,
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _on_stop_signals(self, stop: threading.Event) -> dict[int, Any]:
+        def request_stop(signum: int, frame: FrameType | None) -> None:
+            # Only a flag: the message in hand is finished and acknowledged first.
+            stop.set()
+
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # call_command in a thread
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, request_stop)
+        return previous
