@@ -157,3 +157,39 @@ def test_sigterm_finishes_the_message_in_hand_acknowledges_it_and_exits_0(
     assert sum(handlers.effects(event["eventId"]) for event in waiting) == 0
     # The finished one was acknowledged; the three it never took are still queued.
     assert remaining(AMQP_URL, queue) == 3
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_the_command_consumes_a_jetstream_subject() -> None:
+    pytest.importorskip("nats")
+    from tests.idempotency.consumers.test_nats import NATS_URL, Stream
+
+    require_postgres()
+    require_broker(NATS_URL)
+    handlers.ensure_customer()
+    stream = Stream()
+    stream.create()
+    try:
+        body = {"eventId": str(uuid.uuid4())}
+        stream.publish(body, body)
+        out = consume(
+            "nats",
+            "--handler",
+            HANDLER,
+            "--servers",
+            NATS_URL,
+            "--stream",
+            stream.name,
+            "--subject",
+            stream.subject,
+            "--durable",
+            stream.durable,
+            "--idle-timeout",
+            "1.5",
+        )
+        assert "stopped after 2 message(s): 1 duplicate, 1 processed" in out
+        assert handlers.effects(body["eventId"]) == 1
+        assert stream.pending() == 0
+    finally:
+        stream.delete()
