@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 os.environ.setdefault("IDEMPOTENCY_LOG_LEVEL", "WARNING")
@@ -38,7 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BROKERS = {
     "rabbitmq": os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
     "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+    # The example's embedded default (project/embedded_broker.py), in a directory of its own.
+    "embedded": "filesystem://",
 }
+EMBEDDED_TASKS = 200
+# CELERY_EMBEDDED_TRANSPORT=filesystem: kombu's transport as it comes (project/settings.py).
+EMBEDDED_TRANSPORT = os.environ.get(
+    "CELERY_EMBEDDED_TRANSPORT", "project.embedded_broker:Transport"
+)
 TASKS = {"unguarded": unguarded, "guarded": guarded}
 PAIRS = 8  # product pairs the events spread over, so pool processes rarely share a row lock
 
@@ -75,7 +84,22 @@ def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
     queue = work_queue(queue_name)
     url = BROKERS[broker]
     task = TASKS[kind]
-    with Connection(url) as conn:
+    var_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    connect: dict[str, Any] = {}
+    if broker == "embedded":
+        # The folders project/settings.py derives from VAR_DIR for the worker.
+        folders = {n: var_dir / "broker" / n for n in ("queue", "control")}
+        for folder in folders.values():
+            folder.mkdir(parents=True)
+        connect = {
+            "transport": EMBEDDED_TRANSPORT,
+            "transport_options": {
+                "data_folder_in": str(folders["queue"]),
+                "data_folder_out": str(folders["queue"]),
+                "control_folder": str(folders["control"]),
+            },
+        }
+    with Connection(url, **connect) as conn:
         producer_queue = queue.bind(conn.default_channel)
         producer_queue.declare()
         for n in range(tasks):
@@ -92,6 +116,7 @@ def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
         "CELERY_QUEUE": queue_name,
         "CELERY_SKIP_CHECKS": "1",
         "IDEMPOTENCY_LOG_LEVEL": "WARNING",
+        "VAR_DIR": str(var_dir),
     }
     command = [
         sys.executable, "-m", "celery", "-A", "project", "worker", "--loglevel=WARNING",
@@ -111,22 +136,26 @@ def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
         finally:
             worker.terminate()
             worker.wait(60)
-    with Connection(url) as conn:
+    with Connection(url, **connect) as conn:
         for q in (queue, dead_letter_queue(queue_name)):
             q.bind(conn.default_channel).delete()
+    shutil.rmtree(var_dir, ignore_errors=True)
     span = Order.objects.aggregate(first=Min("created_at"), last=Max("created_at"))
     return (tasks - 1) / (span["last"] - span["first"]).total_seconds()
 
 
 def measure(
-    runs: int, tasks: int, processes: tuple[int, ...]
+    runs: int, tasks: int, processes: tuple[int, ...], brokers: list[str]
 ) -> dict[tuple[str, str, int], list[float]]:
     results: dict[tuple[str, str, int], list[float]] = {}
     for run in range(runs):
-        for broker in BROKERS:
+        for broker in brokers:
             for p in processes:
                 for kind in TASKS if run % 2 == 0 else reversed(TASKS):
-                    rate = run_once(broker, kind, p, tasks)
+                    # The embedded broker is a development one, some 20 times slower: fewer
+                    # tasks keep `make bench` within its ten minutes, and still give a rate.
+                    n = min(tasks, EMBEDDED_TASKS) if broker == "embedded" else tasks
+                    rate = run_once(broker, kind, p, n)
                     results.setdefault((broker, kind, p), []).append(rate)
                     print(
                         f"run {run + 1}/{runs}  {broker:<8} {p} proc  {kind:<9} "
@@ -145,11 +174,17 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, help="tasks per run (default 1000; quick 100)")
     parser.add_argument("--runs", type=int, help="runs per cell (default 3; quick 1)")
     parser.add_argument("--json", help="also write the measurements to this file")
+    parser.add_argument(
+        "--broker", action="append", choices=list(BROKERS), help="only this broker (repeatable)"
+    )
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
     results = measure(
-        args.runs or (1 if args.quick else 3), args.tasks or (100 if args.quick else 1000), (1, 2)
+        args.runs or (1 if args.quick else 3),
+        args.tasks or (100 if args.quick else 1000),
+        (1, 2),
+        args.broker or list(BROKERS),
     )
     if args.json:
         write_json(args.json, [[b, k, p, rates] for (b, k, p), rates in results.items()])
