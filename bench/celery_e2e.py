@@ -159,7 +159,7 @@ def measure(
                     results.setdefault((broker, kind, p), []).append(rate)
                     print(
                         f"run {run + 1}/{runs}  {broker:<8} {p} proc  {kind:<9} "
-                        f"{rate:7.0f} tasks/s",
+                        f"{rate:7.1f} tasks/s",
                         file=sys.stderr,
                         flush=True,
                     )
