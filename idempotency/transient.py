@@ -58,6 +58,16 @@ _SQLITE_TRANSIENT = frozenset(
     }
 )
 
+#: The messages of those codes, for a driver that gives no code (Python 3.10's sqlite3).
+_SQLITE_TRANSIENT_MESSAGES = (
+    "database is locked",  # SQLITE_BUSY
+    "database table is locked",  # SQLITE_LOCKED
+    "disk I/O error",  # SQLITE_IOERR
+    "database or disk is full",  # SQLITE_FULL
+    "unable to open database file",  # SQLITE_CANTOPEN
+    "locking protocol",  # SQLITE_PROTOCOL
+)
+
 #: MySQL and MariaDB error numbers of a lost connection, a lock wait or a deadlock.
 _MYSQL_TRANSIENT = frozenset(
     {
@@ -93,6 +103,9 @@ def _driver_verdict(error: BaseException) -> bool | None:
     code = getattr(error, "sqlite_errorcode", None)
     if isinstance(code, int):
         return code & 0xFF in _SQLITE_TRANSIENT
+    if type(error).__module__ == "sqlite3" and error.args:
+        # Python 3.10's sqlite3 carries no code: its message is the code's sqlite3_errstr().
+        return str(error.args[0]).startswith(_SQLITE_TRANSIENT_MESSAGES)
     module = type(error).__module__
     if module.startswith(("MySQLdb", "pymysql", "mysql")) and error.args:
         errno = error.args[0]

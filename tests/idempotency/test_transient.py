@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,7 +112,8 @@ def test_sqlite_busy_is_transient_and_a_missing_table_is_not(tmp_path: Path) -> 
     finally:
         holder.close()
         other.close()
-    assert busy.value.sqlite_errorcode == sqlite3.SQLITE_BUSY
+    if sys.version_info >= (3, 11):  # the code's attribute is new in 3.11
+        assert busy.value.sqlite_errorcode == sqlite3.SQLITE_BUSY
     assert is_transient(busy.value)
     django_busy = OperationalError(*busy.value.args)
     django_busy.__cause__ = busy.value
@@ -193,3 +195,25 @@ def test_real_terminated_connection_is_transient() -> None:
     finally:
         victim.close()
     assert is_transient(lost.value)
+
+
+@pytest.mark.parametrize(
+    ("message", "transient"),
+    [
+        ("database is locked", True),
+        ("database table is locked: idempotency_processedevent", True),
+        ("disk I/O error", True),
+        ("no such table: nowhere", False),
+        ('near "SELEC": syntax error', False),
+    ],
+)
+def test_a_sqlite_error_without_its_code_is_judged_by_its_message(
+    message: str, transient: bool
+) -> None:
+    # What Python 3.10's sqlite3 raises: no sqlite_errorcode attribute.
+    error = sqlite3.OperationalError(message)
+    assert getattr(error, "sqlite_errorcode", None) is None
+    assert is_transient(error) is transient
+    wrapped = OperationalError(message)
+    wrapped.__cause__ = error
+    assert is_transient(wrapped) is transient
