@@ -5,6 +5,7 @@ In use: E001-E010, W001-W007.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -175,12 +176,11 @@ def _apps_apart_from(inbox_db: str | None) -> list[CheckMessage]:
 @register("idempotency")
 def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """An idempotent task that acks early loses the event if its worker dies mid-task."""
-    try:
-        from celery import current_app
-    except ImportError:  # Celery is optional
+    app = _celery_app()
+    if app is None:  # Celery is optional
         return []
     messages: list[CheckMessage] = []
-    for name, task in sorted(current_app.tasks.items()):
+    for name, task in sorted(app.tasks.items()):
         if getattr(task, "idempotent", False) is True and not task.acks_late:
             messages.append(
                 Warning(
@@ -228,7 +228,7 @@ def check_lifecycle_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                 Warning(
                     "IDEMPOTENCY['PROMETHEUS_METRICS'] is on but prometheus-client is not "
                     "installed: no metrics are exported.",
-                    hint="pip install prometheus-client, or turn the setting off.",
+                    hint='pip install "django-idempotency[metrics]", or turn the setting off.',
                     id="idempotency.W004",
                 )
             )
@@ -253,12 +253,31 @@ UNBOUNDED = timedelta.max
 
 
 def _celery_app() -> Any:
-    """The project's Celery app, or None without Celery (it is optional)."""
+    """The project's Celery app with its tasks registered, or None without Celery (optional).
+
+    ``autodiscover_tasks()`` is lazy: the apps' ``tasks`` modules are imported when a worker
+    starts, so at check time no task would be registered and the per-task checks could never
+    fire. Import them now, as the worker does (each module once; later calls cost nothing).
+    """
     try:
         from celery import current_app
     except ImportError:
         return None
-    return current_app
+    app = getattr(current_app, "_get_current_object", lambda: current_app)()
+    if app not in _discovered:
+        # Celery's Django fix-up runs the system checks when the modules are imported: this
+        # very function again, which must not import them a second time.
+        _discovered.add(app)
+        try:
+            app.loader.import_default_modules()
+        except BaseException:
+            _discovered.discard(app)
+            raise
+    return app
+
+
+#: The Celery apps whose task modules were imported for the checks.
+_discovered: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def broker_horizon(app: Any) -> Horizon | None:
