@@ -82,6 +82,16 @@ def tests(session: nox.Session, django: str) -> None:
 
 @nox.session(python=NEWEST[0], tags=["mariadb"])
 def mariadb(session: nox.Session) -> None:
-    """The unit suite on MariaDB/MySQL, with the newest Django."""
+    """The unit suite and the concurrent claims on MariaDB/MySQL, with the newest Django."""
     _install(session, NEWEST[1])
     _pytest(session, MYSQL_URL)
+    session.run(
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "services",
+        "tests/idempotency/inbox/test_concurrency.py",
+        env={"DATABASE_URL": MYSQL_URL, "REQUIRE_SERVICES": "1"},
+    )

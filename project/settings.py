@@ -128,6 +128,19 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # wait for it, instead of failing with "database is locked" half-way through a transaction.
     DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
+    # mysqlclient is Django's MariaDB/MySQL driver; PyMySQL (pure Python, requirements/test.txt)
+    # stands in where mysqlclient is not installed.
+    try:
+        import MySQLdb  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        import pymysql  # type: ignore[import-untyped]
+
+        pymysql.install_as_MySQLdb()
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("charset", "utf8mb4")
+    # Event ids and consumer names must compare byte for byte: under the server's default
+    # case-insensitive collation "abc" would be taken for a duplicate of "ABC" (docs/versions.md).
+    DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_bin"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth, i18n, static ---------------------------------------------------------------------

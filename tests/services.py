@@ -52,6 +52,28 @@ def require_postgres() -> None:
         )
 
 
+#: The dialect each claim statement is written in (get_or_create runs everywhere).
+CLAIM_STATEMENT_VENDORS = {
+    "insert_select": {"postgresql"},
+    "insert_returning": {"postgresql", "sqlite"},
+    "insert_on_duplicate": {"mysql"},
+}
+
+
+def usable_claim_statements() -> list[str]:
+    """The claim statements that run on the test database."""
+    from idempotency.inbox.statements import STATEMENTS, supports_insert_select
+
+    names = [
+        name
+        for name in STATEMENTS
+        if connection.vendor in CLAIM_STATEMENT_VENDORS.get(name, {connection.vendor})
+    ]
+    if not supports_insert_select(connection) and "insert_select" in names:
+        names.remove("insert_select")  # two statements in one execute: psycopg 3 only
+    return names
+
+
 def require_broker(url: str) -> None:
     if not reachable(url):
         unavailable(f"the broker at {url} is unreachable")
@@ -166,9 +188,25 @@ def in_thread(target: Callable[[], None], errors: list[BaseException]) -> thread
     return thread
 
 
+def require_row_locks() -> None:
+    """PostgreSQL or MariaDB/MySQL: a concurrent claim waits on a row lock (SQLite: the file)."""
+    if connection.vendor not in ("postgresql", "mysql"):
+        unavailable(
+            f"the tests run on {connection.vendor}; set DATABASE_URL=postgres://... (or "
+            "mysql://...) for this test"
+        )
+
+
 def lock_waiters() -> int:
-    """Connections to the test database waiting for a lock, as PostgreSQL sees them."""
+    """Connections to the test database waiting for a lock, as PostgreSQL or InnoDB sees them."""
     with connection.cursor() as cursor:
+        if connection.vendor == "mysql":
+            cursor.execute(
+                "SELECT count(*) FROM information_schema.innodb_trx t "
+                "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
+                "WHERE t.trx_state = 'LOCK WAIT' AND p.db = DATABASE()"
+            )
+            return int(cursor.fetchone()[0])
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity "
             "WHERE datname = current_database() AND wait_event_type = 'Lock'"

@@ -6,6 +6,16 @@
   waited. A first delivery costs no savepoint; a duplicate writes nothing.
 * SQLite (3.35+) and other PostgreSQL set-ups: ``INSERT ... ON CONFLICT DO NOTHING RETURNING``,
   then a SELECT only for a duplicate.
+* MariaDB and MySQL: ``INSERT ... ON DUPLICATE KEY UPDATE id = id``, the driver's last insert
+  id telling a new row (its id) from a duplicate (0: Django's ``CLIENT_FOUND_ROWS`` makes the
+  affected-row count 1 either way), then ``SELECT ... FOR UPDATE`` only for a duplicate. The
+  duplicate takes an exclusive lock on the existing row where a failed plain ``INSERT`` (and so
+  ``get_or_create``) takes a shared one, which deadlocks two waiters of a claim that rolls back
+  under InnoDB's REPEATABLE READ; the locking read sees the latest committed row where a
+  consistent read would see the transaction's snapshot, taken before a concurrent claim
+  committed. ``INSERT IGNORE`` would also turn every other error of the insert (a value too
+  long, a NULL) into a warning and a silent duplicate. A new row's ``processed_at`` (the
+  database's clock) is left deferred: it is read when first used.
 * Any other backend: ``get_or_create``, whose ``IntegrityError`` is caught inside a savepoint so
   the caller's transaction stays usable.
 
@@ -172,6 +182,53 @@ def insert_returning(
     return record, True
 
 
+@lru_cache(maxsize=1)
+def _mysql_sql() -> dict[str, str]:
+    # Backticks: without ANSI_QUOTES, MariaDB and MySQL read a double-quoted name as a string.
+    def quote(name: str) -> str:
+        return f"`{name}`"
+
+    table = quote(ProcessedEvent._meta.db_table)
+    columns = ", ".join(quote(_field(name).column) for name in _INSERT_FIELDS)
+    placeholders = ", ".join(["%s"] * len(_INSERT_FIELDS))
+    every = ", ".join(quote(f.column) for f in _fields())
+    pk = quote(_field("id").column)
+    return {
+        # A no-op update: the duplicate row is locked and left as it is.
+        "insert": f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) "
+        f"ON DUPLICATE KEY UPDATE {pk} = {pk}",
+        "select": f"SELECT {every} FROM {table} "
+        f"WHERE {quote(_field('consumer').column)} = %s "
+        f"AND {quote(_field('event_id').column)} = %s FOR UPDATE",
+    }
+
+
+def insert_on_duplicate(
+    using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
+) -> tuple[ProcessedEvent, bool]:
+    """MariaDB/MySQL: insert or lock the duplicate; select (locking) only for a duplicate."""
+    connection = connections[using]
+    sql = _mysql_sql()
+    values = _values(consumer, event_id, defaults)
+    with connection.cursor() as cursor:
+        cursor.execute(sql["insert"], _params(using, values))
+        new_id = cursor.lastrowid
+        if not new_id:
+            cursor.execute(sql["select"], [consumer, event_id])
+            row = cursor.fetchone()
+    if new_id:
+        record = ProcessedEvent(pk=new_id, **values)
+        record._state.adding = False
+        record._state.db = using
+        # processed_at is the database's: deferred (absent from __dict__), one SELECT if read.
+        del record.__dict__["processed_at"]
+        return record, True
+    if row is None:
+        # The conflicting row was purged between the two statements: claim afresh.
+        return insert_on_duplicate(using, consumer, event_id, defaults)
+    return _record(using, row), False
+
+
 def _processed_at(using: str, value: Any) -> Any:
     """A ``processed_at`` returned by the insert, converted as Django would read it."""
     connection = connections[using]
@@ -207,6 +264,7 @@ def get_or_create(
 STATEMENTS: dict[str, ClaimStatement] = {
     "insert_select": insert_select,
     "insert_returning": insert_returning,
+    "insert_on_duplicate": insert_on_duplicate,
     "get_or_create": get_or_create,
 }
 
@@ -228,6 +286,8 @@ def statement_for(connection: BaseDatabaseWrapper) -> ClaimStatement:
         connection.features.can_return_columns_from_insert
     ):
         return insert_returning
+    if connection.vendor == "mysql":
+        return insert_on_duplicate
     return get_or_create
 
 

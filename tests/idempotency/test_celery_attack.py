@@ -273,7 +273,7 @@ def test_the_wrapper_adds_no_query_to_a_first_delivery_or_a_duplicate() -> None:
             call(event)
         # Savepoint names and values differ from one call to the next; the statements must not.
         return [
-            re.sub(r"'[^']*'|\b\d+\b", "?", re.sub(r'"s\d+_x\d+"', '"sp"', q["sql"]))
+            re.sub(r"'[^']*'|\b\d+\b", "?", re.sub(r'["`]s\d+_x\d+["`]', '"sp"', q["sql"]))
             for q in captured.captured_queries
         ]
 

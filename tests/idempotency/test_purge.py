@@ -238,8 +238,9 @@ def test_each_batch_is_one_primary_key_range() -> None:
         ProcessedEvent.objects.purge(batch_size=10, now=NOW)
     deletes = [q["sql"] for q in ctx.captured_queries if q["sql"].startswith("DELETE")]
     assert len(deletes) == 1
-    assert '"id" >= ' in deletes[0]
-    assert '"id" < ' in deletes[0]
+    pk = connection.ops.quote_name("id")
+    assert f"{pk} >= " in deletes[0]
+    assert f"{pk} < " in deletes[0]
     assert "SELECT" not in deletes[0]  # no pk IN (subquery)
 
 

@@ -1,8 +1,9 @@
-"""Two workers claiming the same event at once, on real parallel PostgreSQL connections.
+"""Two workers claiming the same event at once, on real parallel PostgreSQL or MariaDB/MySQL
+connections.
 
 The first claimant holds its transaction open; the second must block on the unique index (seen
-in ``pg_stat_activity``, not guessed with a sleep), then discard if the first commits, or
-process the event if the first rolls back.
+in ``pg_stat_activity`` or InnoDB's ``innodb_trx``, not guessed with a sleep), then discard if
+the first commits, or process the event if the first rolls back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from django.test import override_settings
 from idempotency.inbox import claiming, idempotent, statements
 from idempotency.models import ProcessedEvent
 from idempotency.transient import is_transient
-from tests.services import in_thread, lock_waiters, require_postgres, wait_for
+from tests.services import (
+    in_thread,
+    lock_waiters,
+    require_row_locks,
+    usable_claim_statements,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -29,9 +36,9 @@ class Rollback(Exception):
     pass
 
 
-@pytest.fixture(params=sorted(statements.STATEMENTS))
+@pytest.fixture(params=sorted(usable_claim_statements()))
 def statement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    require_postgres()
+    require_row_locks()
     chosen = statements.STATEMENTS[request.param]
     monkeypatch.setattr(claiming, "claim_statement", lambda using: chosen)
     return str(request.param)
@@ -105,12 +112,17 @@ def test_the_second_claimant_processes_when_the_first_rolls_back(
 @pytest.fixture(params=["REPEATABLE_READ", "SERIALIZABLE"])
 def isolation(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every new connection to the test database at a stricter isolation level."""
-    require_postgres()
-    from psycopg import IsolationLevel
+    require_row_locks()
+    level: Any
+    if connection.vendor == "mysql":
+        level = str(request.param).lower().replace("_", " ")
+    else:
+        from psycopg import IsolationLevel
 
+        level = IsolationLevel[request.param]
     options = connections.settings[DEFAULT_DB_ALIAS].setdefault("OPTIONS", {})
     previous = options.get("isolation_level", _UNSET)
-    options["isolation_level"] = IsolationLevel[request.param]
+    options["isolation_level"] = level
     connection.close()
     yield str(request.param)
     if previous is _UNSET:
@@ -121,6 +133,18 @@ def isolation(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 _UNSET = object()
+
+
+def current_isolation() -> str:
+    """The session's isolation level, spelt "repeatable read"."""
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        if connection.vendor == "mysql":
+            # MariaDB 10.11 knows only tx_isolation; MySQL 8 only transaction_isolation.
+            name = "tx_isolation" if connection.mysql_is_mariadb else "transaction_isolation"
+            cursor.execute(f"SELECT @@session.{name}")
+        else:
+            cursor.execute("SHOW transaction_isolation")
+        return str(cursor.fetchone()[0]).lower().replace("-", " ")
 
 
 def serialization_failure(error: BaseException) -> bool:
@@ -142,9 +166,7 @@ def test_concurrent_first_deliveries_at_strict_isolation(statement: str, isolati
     def first() -> None:
         with idempotent("race", "e-1") as claim:
             assert not claim.duplicate
-            with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
-                cursor.execute("SHOW transaction_isolation")
-                outcome["isolation"] = cursor.fetchone()[0]
+            outcome["isolation"] = current_isolation()
             claimed.set()
             assert release.wait(TIMEOUT), "never released"
 
@@ -166,9 +188,17 @@ def test_concurrent_first_deliveries_at_strict_isolation(statement: str, isolati
     two.join(TIMEOUT)
     assert not two.is_alive(), "the second claimant hung"
     assert not errors, errors
-    # The second's snapshot predates the first's commit, so it cannot see the row it conflicts
-    # with: a serialization failure (a plain duplicate would be fine too, were it visible).
-    assert serialization_failure(outcome["second"]), outcome
+    if statement == "insert_on_duplicate":
+        # InnoDB: the duplicate's exclusive lock and the locking read see the committed row.
+        assert outcome["second"] == "duplicate", outcome
+    elif connection.vendor == "mysql":
+        # get_or_create's plain read may see its snapshot (REPEATABLE READ) or lock and wait
+        # (SERIALIZABLE): a serialization failure or a duplicate, never a second run.
+        assert outcome["second"] == "duplicate" or serialization_failure(outcome["second"])
+    else:
+        # The second's snapshot predates the first's commit, so it cannot see the row it
+        # conflicts with: a serialization failure.
+        assert serialization_failure(outcome["second"]), outcome
     assert outcome["retry_duplicate"] is True
     assert outcome["isolation"] == isolation.lower().replace("_", " ")
     assert ProcessedEvent.objects.count() == 1
@@ -205,8 +235,16 @@ def test_concurrent_counted_duplicates_at_strict_isolation(statement: str, isola
         two.join(TIMEOUT)
         assert not two.is_alive(), "the second claimant hung"
     assert not errors, errors
-    # The second's UPDATE met a row changed after its snapshot: a serialization failure.
-    assert serialization_failure(outcome["second"]), outcome
+    if connection.vendor == "mysql":
+        # InnoDB's UPDATE reads the latest committed row, so the second counts after the
+        # first; get_or_create's plain read may still fail on its snapshot.
+        assert outcome["second"] == "duplicate" or serialization_failure(outcome["second"])
+        if statement == "insert_on_duplicate":
+            assert outcome["second"] == "duplicate", outcome
+    else:
+        # The second's UPDATE met a row changed after its snapshot: a serialization failure.
+        assert serialization_failure(outcome["second"]), outcome
     assert outcome["retry_duplicate"] is True
     record = ProcessedEvent.objects.get()
-    assert record.duplicate_count == 2  # the first, and the retry of the second
+    # The first, the second if it committed, and the retry of the second.
+    assert record.duplicate_count == 2 + (outcome["second"] == "duplicate")

@@ -21,6 +21,7 @@ from idempotency.exceptions import (
 from idempotency.inbox import claim, current_claim, idempotent, reject
 from idempotency.inbox.statements import STATEMENTS, statement_for, supports_insert_select
 from idempotency.models import Outcome, ProcessedEvent
+from tests.services import usable_claim_statements
 
 pytestmark = pytest.mark.django_db
 
@@ -199,18 +200,10 @@ def test_a_failed_nested_claim_leaves_the_callers_transaction_usable() -> None:
     assert list(ProcessedEvent.objects.values_list("event_id", flat=True)) == ["e-2"]
 
 
-def usable_statements() -> list[str]:
-    # Two statements in one execute: PostgreSQL only.
-    names = list(STATEMENTS)
-    if not supports_insert_select(connection):
-        names.remove("insert_select")
-    return names
-
-
 @pytest.mark.parametrize("name", list(STATEMENTS))
 def test_every_claim_statement_has_get_or_create_semantics(name: str) -> None:
-    if name not in usable_statements():
-        pytest.skip(f"{name} is for PostgreSQL; the tests run on {connection.vendor}")
+    if name not in usable_claim_statements():
+        pytest.skip(f"{name} is not for {connection.vendor}")
     statement = STATEMENTS[name]
     with transaction.atomic():
         record, created = statement("default", "billing", "e-1", {"fingerprint": "f" * 64})
@@ -232,7 +225,11 @@ def test_every_claim_statement_has_get_or_create_semantics(name: str) -> None:
 
 
 def test_each_backend_uses_its_fastest_statement() -> None:
-    expected = {"postgresql": "insert_select", "sqlite": "insert_returning"}
+    expected = {
+        "postgresql": "insert_select",
+        "sqlite": "insert_returning",
+        "mysql": "insert_on_duplicate",
+    }
     assert statement_for(connection) is STATEMENTS[expected[connection.vendor]]
 
 

@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 
 from idempotency import outbox
 from idempotency.exceptions import InvalidEvent
@@ -168,6 +168,13 @@ def test_args_the_outbox_cannot_carry_fail_before_the_commit_or_are_set_aside(
 )
 @pytest.mark.django_db(transaction=True)
 def test_args_json_can_carry_are_published_as_given(broker: mock.Mock, args: list[Any]) -> None:
+    if connection.vendor == "mysql" and args == [deep(200)]:
+        # MariaDB's JSON_VALID check (Django's JSONField there) refuses nesting past 32 levels:
+        # the caller's transaction gets the database's error and nothing is stored.
+        with pytest.raises(DatabaseError), transaction.atomic():
+            outbox.enqueue("t.name", args, publish_on_commit=False)
+        assert not OutboxMessage.objects.exists()
+        return
     with transaction.atomic():
         message = outbox.enqueue("t.name", args, publish_on_commit=False)
     assert outbox.relay() == 1
