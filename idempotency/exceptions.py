@@ -17,6 +17,13 @@ class IdempotencyConfigurationError(IdempotencyError, ImproperlyConfigured):
     """The ``IDEMPOTENCY`` settings dict or a decorator's arguments are invalid."""
 
 
+class MissingExtra(IdempotencyConfigurationError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it.
+
+    Also an :class:`ImportError`, so code that probes with ``except ImportError`` still works.
+    """
+
+
 class InvalidEventId(IdempotencyError, ValueError):
     """The event's idempotency key cannot be used (too long, or not a scalar).
 

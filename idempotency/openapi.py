@@ -12,6 +12,15 @@
 
 from __future__ import annotations
 
+# The openapi extra: without it, say which to install rather than fail on a bare import.
+try:
+    import drf_spectacular  # noqa: F401
+    import rest_framework  # noqa: F401
+except ImportError as _exc:
+    from .extras import missing
+
+    raise missing("openapi", "idempotency.openapi") from _exc
+
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import serializers

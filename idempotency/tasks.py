@@ -12,6 +12,14 @@ Schedule the purge with Celery beat, e.g. daily::
 
 from __future__ import annotations
 
+# The celery extra: without it, say which to install rather than fail on a bare import.
+try:
+    import celery  # noqa: F401
+except ImportError as _exc:
+    from .extras import missing
+
+    raise missing("celery", "idempotency.tasks") from _exc
+
 import logging
 import time
 

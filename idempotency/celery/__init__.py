@@ -21,6 +21,14 @@ Where each part lives: :mod:`.task` (``IdempotentTask``, the delivery rules abov
 
 from __future__ import annotations
 
+# The celery extra: without it, say which to install rather than fail on a bare import.
+try:
+    import celery  # noqa: F401
+except ImportError as _exc:
+    from ..extras import missing
+
+    raise missing("celery", "idempotency.celery") from _exc
+
 from ..transient import TRANSIENT_BACKOFF_FIRST, TRANSIENT_BACKOFF_MAX
 from .consumer import DeadLetterConsumer
 from .decorator import SAFE_TASK_OPTIONS, idempotent_task

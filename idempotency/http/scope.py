@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+# The drf extra: without it, say which to install rather than fail on a bare import.
+try:
+    import rest_framework  # noqa: F401
+except ImportError as _exc:
+    from ..extras import missing
+
+    raise missing("drf", "idempotency.http") from _exc
+
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass

@@ -7,6 +7,15 @@ outage stops the run and leaves its messages pending.
 
 from __future__ import annotations
 
+# The celery extra: without it, say which to install rather than fail on a bare import.
+try:
+    import celery  # noqa: F401
+    import kombu  # noqa: F401
+except ImportError as _exc:
+    from ..extras import missing
+
+    raise missing("celery", "idempotency.outbox") from _exc
+
 import logging
 import time
 from collections.abc import Sequence

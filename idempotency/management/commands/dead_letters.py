@@ -8,6 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from idempotency import deadletters
+from idempotency.exceptions import MissingExtra
+from idempotency.extras import require
 from idempotency.models import DeadLetter
 
 
@@ -104,6 +106,10 @@ class Command(BaseCommand):
         verbosity: int = 1,
         **options: Any,
     ) -> None:
+        try:
+            require("celery", "manage.py dead_letters import", "celery", "kombu")
+        except MissingExtra as exc:
+            raise CommandError(str(exc)) from exc
         from celery import current_app
         from kombu import Connection
 

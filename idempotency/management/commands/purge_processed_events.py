@@ -35,12 +35,21 @@ def parse_age(value: str) -> timedelta:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, nothing otherwise; written through the command's stdout."""
+    """A tqdm bar on a terminal, nothing otherwise; written through the command's stdout.
+
+    tqdm is optional (the progress extra): without it the purge runs the same, without a bar.
+    """
 
     def __init__(self, command: BaseCommand, total: int | None) -> None:
         self._bar: Any = None
         if command.stdout.isatty():
-            from tqdm import tqdm
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                command.stdout.write(
+                    'purging (pip install "django-idempotency[progress]" for a progress bar)'
+                )
+                return
 
             self._bar = tqdm(
                 total=total,

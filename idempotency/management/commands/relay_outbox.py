@@ -11,6 +11,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections, router
 
 from idempotency import outbox
+from idempotency.exceptions import MissingExtra
+from idempotency.extras import require
 from idempotency.models import OutboxMessage
 
 logger = logging.getLogger("idempotency")
@@ -72,6 +74,10 @@ class Command(BaseCommand):
             raise CommandError("--interval must be a positive number of seconds, at most 86400")
         if not (0 <= reconcile_every <= 86_400):
             raise CommandError("--reconcile-every must be a number of seconds from 0 to 86400")
+        try:
+            require("celery", "manage.py relay_outbox", "celery", "kombu")
+        except MissingExtra as exc:
+            raise CommandError(str(exc)) from exc
         self.alias = router.db_for_write(OutboxMessage)
         if retry_failed:
             self._retry_failed()
