@@ -196,6 +196,7 @@ SHARED = (
     "conf",
     "entities",
     "exceptions",
+    "extras",
     "fingerprint",
     "keys",
     "metrics",
