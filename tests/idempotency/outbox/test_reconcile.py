@@ -379,6 +379,18 @@ def test_the_command_reconciles_once_with_its_counts(broker: mock.Mock) -> None:
     assert broker.call_count == 1
 
 
+def test_the_command_fails_when_the_broker_is_away_while_it_reconciles(
+    broker: mock.Mock,
+) -> None:
+    from django.core.management import CommandError
+
+    published()
+    broker.side_effect = BrokerDown("connection refused")
+    with pytest.raises(CommandError, match="broker is unavailable"):
+        call_command("relay_outbox", "--reconcile", stdout=StringIO())
+    assert OutboxMessage.objects.get().republished == 0  # kept for the next run
+
+
 def test_the_beat_task_reconciles(broker: mock.Mock) -> None:
     published()
     assert reconcile_outbox() == 1
