@@ -1,0 +1,195 @@
+"""Plain consumers (``manage.py consume_events``) SIGKILLed inside the transaction and between
+the commit and the ack, on a real RabbitMQ (kombu) and a real NATS JetStream.
+
+Each scenario publishes a batch of events (some twice), arms kill points on a few of them, and
+runs the consumer again after every death until it drains the queue and exits 0 on its idle
+timeout. Then: every event applied exactly once (ledger entries and the balance), no dead
+letter, nothing left on the broker, and every armed kill fired. ~30 s per scenario.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection, Exchange, Queue
+
+from idempotency.models import DeadLetter, ProcessedEvent
+from orders.models import Customer
+from tests.idempotency.consumers import handlers
+from tests.idempotency.consumers.test_kombu import publish, remaining
+from tests.services import AMQP_URL, ROOT, database_url, require_broker, require_postgres
+
+pytestmark = [pytest.mark.faults, pytest.mark.services, pytest.mark.django_db(transaction=True)]
+
+HANDLER = "tests.faults.consumer_hooks.credit"
+CONSUMER = "tests.faults.plain_consumer"
+EVENTS = 20
+#: (index of the event, kill point): two inside the transaction, two after the commit.
+KILLS = ((3, "inside"), (7, "after-commit"), (12, "inside"), (15, "after-commit"))
+#: Runs of the consumer at most: one per kill, one that drains the rest, and slack.
+MAX_RUNS = len(KILLS) + 3
+
+
+class Run:
+    """The consumer started again after each death, on the test database."""
+
+    def __init__(self, arguments: list[str], directory: Path) -> None:
+        self.arguments = arguments
+        self.directory = directory
+        self.exits: list[int] = []
+
+    def until_drained(self) -> None:
+        env = {**os.environ, "DATABASE_URL": database_url(), "FAULTS_DIR": str(self.directory)}
+        command = [
+            sys.executable,
+            "manage.py",
+            "consume_events",
+            *self.arguments,
+            "--handler",
+            HANDLER,
+            "--consumer",
+            CONSUMER,
+            "--idle-timeout",
+            "3",
+            "-v",
+            "2",
+        ]
+        for number in range(MAX_RUNS):
+            log = self.directory / f"run-{number}.log"
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+                try:
+                    code = process.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+                    pytest.fail(f"the consumer hung:\n{self.logs()}", pytrace=False)
+            self.exits.append(code)
+            if code == 0:
+                return
+            assert code == -signal.SIGKILL, f"the consumer exited {code}:\n{self.logs()}"
+        pytest.fail(f"still killed after {MAX_RUNS} runs:\n{self.logs()}", pytrace=False)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text()[-3000:]}"
+            for log in sorted(self.directory.glob("run-*.log"))
+        )
+
+
+def arm(directory: Path, events: list[dict[str, Any]]) -> list[str]:
+    plan = directory / "plan"
+    plan.mkdir(parents=True)
+    armed = []
+    for index, point in KILLS:
+        name = f"{events[index]['eventId']}@{point}"
+        (plan / name).write_text("kill")
+        armed.append(name)
+    return armed
+
+
+def batch() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The events, and the messages to publish: every fifth event twice (a producer's retry)."""
+    events = [{"eventId": str(uuid.uuid4()), "n": n} for n in range(EVENTS)]
+    messages = [*events, *events[::5]]
+    return events, messages
+
+
+def verify(events: list[dict[str, Any]], armed: list[str], directory: Path, run: Run) -> None:
+    fired = sorted(path.name for path in (directory / "fired").iterdir())
+    assert fired == sorted(armed), run.logs()
+    assert run.exits.count(-signal.SIGKILL) == len(KILLS), run.exits
+    lost = [e["eventId"] for e in events if handlers.effects(e["eventId"]) == 0]
+    doubled = [e["eventId"] for e in events if handlers.effects(e["eventId"]) > 1]
+    assert (lost, doubled) == ([], []), run.logs()
+    customer = Customer.objects.get(customer_id=handlers.CUSTOMER_ID)
+    assert customer.balance == Decimal(EVENTS) * handlers.CREDIT
+    assert ProcessedEvent.objects.for_consumer(CONSUMER).count() == EVENTS
+    assert not DeadLetter.objects.exists(), list(DeadLetter.objects.values("reason", "event_id"))
+    # The redelivery of a message killed after its commit was discarded, not applied again.
+    logs = run.logs()
+    for index, point in KILLS:
+        if point == "after-commit":
+            assert f"duplicate {events[index]['eventId']}" in logs, logs
+
+
+@pytest.fixture
+def rabbit_queue() -> Iterator[Queue]:
+    require_postgres()
+    require_broker(AMQP_URL)
+    name = f"idem_consumers_faults_{uuid.uuid4().hex}"
+    made = Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True)
+    with Connection(AMQP_URL) as conn:
+        made.bind(conn.default_channel).declare()
+    yield made
+    with Connection(AMQP_URL) as conn:
+        made.bind(conn.default_channel).delete()
+
+
+def test_kombu_consumer_killed_inside_the_transaction_and_before_the_ack(
+    rabbit_queue: Queue, tmp_path: Path
+) -> None:
+    directory = tmp_path
+    handlers.ensure_customer()
+    events, messages = batch()
+    armed = arm(directory, events)
+    publish(AMQP_URL, rabbit_queue, *messages)
+    run = Run(["kombu", "--url", AMQP_URL, "--queue", rabbit_queue.name], directory)
+    run.until_drained()
+    verify(events, armed, directory, run)
+    assert remaining(AMQP_URL, rabbit_queue) == 0
+
+
+@pytest.fixture
+def nats_stream() -> Iterator[Any]:
+    pytest.importorskip("nats")
+    from tests.idempotency.consumers.test_nats import NATS_URL, Stream
+
+    require_postgres()
+    require_broker(NATS_URL)
+    made = Stream()
+    made.create()
+    yield made
+    made.delete()
+
+
+def test_jetstream_consumer_killed_inside_the_transaction_and_before_the_ack(
+    nats_stream: Any, tmp_path: Path
+) -> None:
+    directory = tmp_path
+    from tests.idempotency.consumers.test_nats import NATS_URL
+
+    handlers.ensure_customer()
+    events, messages = batch()
+    armed = arm(directory, events)
+    nats_stream.publish(*messages)
+    arguments = [
+        "nats",
+        "--servers",
+        NATS_URL,
+        "--stream",
+        nats_stream.name,
+        "--subject",
+        nats_stream.subject,
+        "--durable",
+        nats_stream.durable,
+        # A killed consumer's message comes back after ack_wait: short, so the run is too. The
+        # idle timeout (3 s) outlasts it, so a run does not end before the redelivery.
+        "--ack-wait",
+        "2",
+    ]
+    run = Run(arguments, directory)
+    run.until_drained()
+    verify(events, armed, directory, run)
+    assert nats_stream.pending() == 0
