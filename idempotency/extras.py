@@ -16,6 +16,7 @@ EXTRAS = {
     "openapi": "drf-spectacular and djangorestframework",
     "metrics": "prometheus-client",
     "progress": "tqdm",
+    "nats": "nats-py",
 }
 
 

@@ -22,7 +22,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import nats
+# The nats extra: without it, say which to install rather than fail on a bare import.
+try:
+    import nats
+except ImportError as _exc:
+    from ..extras import missing
+
+    raise missing("nats", "idempotency.consumers.nats") from _exc
 from asgiref.sync import sync_to_async
 from django.db import connections
 from nats.aio.msg import Msg

@@ -72,6 +72,9 @@ else:
         ("idempotency.http:idempotent_request", ["rest_framework"], "drf"),
         ("idempotency.openapi", ["drf_spectacular"], "openapi"),
         ("idempotency.openapi", ["rest_framework"], "openapi"),
+        ("idempotency.consumers.nats", ["nats"], "nats"),
+        ("idempotency.consumers:JetStreamConsumer", ["nats"], "nats"),
+        ("idempotency.consumers:KombuConsumer", ["kombu"], "celery"),
     ],
 )
 def test_a_module_without_its_extra_names_the_extra(
@@ -97,12 +100,25 @@ else:
     print(json.dumps({{"error": None}}))
 """
 
+#: consume_events with a handler any interpreter has.
+CONSUME = ["consume_events", "--handler", "json.loads"]
+
 
 @pytest.mark.parametrize(
     ("argv", "hidden", "extra"),
     [
         (["relay_outbox"], ["celery", "kombu"], "celery"),
         (["dead_letters", "import", "--queue", "q"], ["celery", "kombu"], "celery"),
+        (
+            [*CONSUME, "kombu", "--url", "memory://", "--queue", "q"],
+            ["celery", "kombu"],
+            "celery",
+        ),
+        (
+            [*CONSUME, "nats", "--stream", "s", "--subject", "x", "--durable", "d"],
+            ["nats"],
+            "nats",
+        ),
     ],
 )
 def test_a_command_without_its_extra_is_a_command_error(
@@ -146,5 +162,5 @@ def test_every_extra_is_declared() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    assert {"celery", "drf", "openapi", "metrics", "progress"} <= set(extras)
+    assert {"celery", "drf", "openapi", "metrics", "progress", "nats"} <= set(extras)
     assert any(r.startswith("drf-spectacular") for r in extras["openapi"])

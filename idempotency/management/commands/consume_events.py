@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.module_loading import import_string
 
 from idempotency.consumers import EventConsumer, Outcome
-from idempotency.exceptions import IdempotencyConfigurationError
+from idempotency.exceptions import IdempotencyConfigurationError, MissingExtra
 
 ADAPTERS = ("kombu", "nats")
 
@@ -130,8 +130,10 @@ class Command(BaseCommand):
                 raise CommandError("kombu needs --url (the broker URL)")
             if not options["queue"]:
                 raise CommandError("kombu needs at least one --queue")
-            from idempotency.consumers.kombu import KombuConsumer
-
+            try:
+                from idempotency.consumers.kombu import KombuConsumer
+            except MissingExtra as exc:
+                raise CommandError(str(exc)) from exc
             try:
                 return KombuConsumer(options["url"], options["queue"], events, on_outcome=report)
             except (KeyError, ValueError) as exc:  # an unknown transport, a malformed URL
@@ -142,8 +144,8 @@ class Command(BaseCommand):
         _seconds(options["ack_wait"], "--ack-wait")
         try:
             from idempotency.consumers.nats import JetStreamConsumer
-        except ImportError as exc:  # nats-py is an extra
-            raise CommandError(f"nats needs nats-py (django-idempotency[nats]): {exc}") from None
+        except MissingExtra as exc:
+            raise CommandError(str(exc)) from exc
         servers = [url.strip() for url in options["servers"].split(",") if url.strip()]
         if not servers:
             raise CommandError("--servers names no server")
