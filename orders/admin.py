@@ -4,18 +4,16 @@ from typing import Any
 
 from django.contrib import admin
 from django.http import HttpRequest
-from django.urls import reverse
-from django.utils.html import format_html
-from django.utils.http import urlencode
 from django.utils.translation import gettext_lazy as _
+
+from idempotency.console.links import event_link
 
 from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product, Rejection
 
 
 def processed_events_link(event_id: Any) -> str:
-    url = reverse("admin:idempotency_processedevent_changelist")
-    query = urlencode({"q": str(event_id)})
-    return format_html('<a href="{}?{}">{}</a>', url, query, _("inbox records of this event"))
+    """The event's page in the admin: its outbox row, inbox records, dead letters and key."""
+    return event_link(event_id)
 
 
 class EventDerivedAdmin(admin.ModelAdmin):
@@ -103,7 +101,7 @@ class OrderAdmin(EventDerivedAdmin):
     readonly_fields = ("original_event_id", "processed_events", "created_at", "shipped_at")
     inlines = [OrderItemInline, PaymentInline]
 
-    @admin.display(description=_("processed events"))
+    @admin.display(description=_("event"))
     def processed_events(self, obj: Order) -> str:
         return processed_events_link(obj.original_event_id)
 
@@ -121,7 +119,7 @@ class PaymentAdmin(EventDerivedAdmin):
     readonly_fields = ("original_event_id", "processed_events")
     list_select_related = ("order",)
 
-    @admin.display(description=_("processed events"))
+    @admin.display(description=_("event"))
     def processed_events(self, obj: Payment) -> str:
         return processed_events_link(obj.original_event_id)
 
@@ -133,7 +131,7 @@ class LedgerEntryAdmin(EventDerivedAdmin):
     readonly_fields = ("original_event_id", "processed_events")
     list_select_related = ("customer",)
 
-    @admin.display(description=_("processed events"))
+    @admin.display(description=_("event"))
     def processed_events(self, obj: LedgerEntry) -> str:
         return processed_events_link(obj.original_event_id)
 
@@ -146,4 +144,15 @@ class RejectionAdmin(EventDerivedAdmin):
     list_filter = ("consumer", "created_at")
     search_fields = ("=original_event_id", "reason")
     date_hierarchy = "created_at"
-    readonly_fields = ("original_event_id", "consumer", "reason", "result", "created_at")
+    readonly_fields = (
+        "original_event_id",
+        "processed_events",
+        "consumer",
+        "reason",
+        "result",
+        "created_at",
+    )
+
+    @admin.display(description=_("event"))
+    def processed_events(self, obj: Rejection) -> str:
+        return processed_events_link(obj.original_event_id)

@@ -5,16 +5,19 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from ..admin_base import ReadOnlyAdmin
+from ..console.links import event_link
+from ..console.times import PreciseTimesAdmin, precise
 from . import redriving
 from .models import DeadLetter
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(ReadOnlyAdmin):
+class DeadLetterAdmin(PreciseTimesAdmin, ReadOnlyAdmin):
     list_display = (
         "pk",
         "created_at",
@@ -23,27 +26,93 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         "event_id",
         "attempts",
         "redriven_at",
+        "event",
     )
     list_filter = ("reason", "task_name", ("redriven_at", admin.EmptyFieldListFilter), "created_at")
-    search_fields = ("=event_id", "=task_id", "task_name")
+    search_fields = ("^event_id", "=task_id", "task_name")
     date_hierarchy = "created_at"
-    readonly_fields = [f.name for f in DeadLetter._meta.fields]
+    readonly_fields = [
+        *(f.name for f in DeadLetter._meta.fields if f.name != "traceback"),
+        "traceback_text",
+        "event",
+    ]
+    exclude = ("traceback",)
     actions = ["redrive"]
+
+    @admin.display(description=_("event"))
+    def event(self, letter: DeadLetter) -> str:
+        return event_link(letter.event_id)
+
+    @admin.display(description=_("traceback"))
+    def traceback_text(self, letter: DeadLetter) -> str:
+        # Preformatted: a traceback is read by its indentation.
+        if not letter.traceback:
+            return "-"
+        return format_html('<pre class="idem-traceback">{}</pre>', letter.traceback)
 
     @admin.action(
         description=_("Re-drive selected dead letters (publish them again)"),
         permissions=["change_state"],
     )
     def redrive(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        done, skipped = redriving.redrive(queryset)
+        letters = list(queryset)
+        again = [letter for letter in letters if letter.redriven_at is not None]
+        processed = already_processed([letter for letter in letters if letter not in again])
+        ready = [letter for letter in letters if letter not in again and letter.pk not in processed]
+        done, skipped = redriving.redrive(ready)
         for letter in done:
             self.log_change(request, letter, "Re-driven through the outbox.")
         if done:
+            links = format_html_join(
+                ", ",
+                "{}",
+                ((event_link(letter.event_id, letter.event_id or "?"),) for letter in done),
+            )
             self.message_user(
                 request,
-                ngettext("Re-drove %d dead letter.", "Re-drove %d dead letters.", len(done))
-                % len(done),
+                format_html(
+                    "{} {}",
+                    ngettext(
+                        "Re-drove %d dead letter: published again through the outbox; its "
+                        "outcome shows on the event's page:",
+                        "Re-drove %d dead letters: published again through the outbox; their "
+                        "outcomes show on each event's page:",
+                        len(done),
+                    )
+                    % len(done),
+                    links,
+                ),
                 messages.SUCCESS,
+            )
+        if again:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(n)d was left alone: it was already re-driven (%(which)s); its event's "
+                    "page shows what became of it.",
+                    "%(n)d were left alone: they were already re-driven (%(which)s); their "
+                    "events' pages show what became of them.",
+                    len(again),
+                )
+                % {"n": len(again), "which": ", ".join(_when(letter) for letter in again)},
+                messages.WARNING,
+            )
+        if processed:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(n)d was left alone: its consumer already processed the event "
+                    "(%(which)s). Published again, it would be discarded as a duplicate, or, "
+                    "with another payload (a mismatch), dead-lettered again. To apply the new "
+                    "payload, forget the inbox record first.",
+                    "%(n)d were left alone: their consumers already processed the events "
+                    "(%(which)s). Published again, they would be discarded as duplicates, or, "
+                    "with another payload (a mismatch), dead-lettered again. To apply a new "
+                    "payload, forget the inbox record first.",
+                    len(processed),
+                )
+                % {"n": len(processed), "which": ", ".join(sorted(processed.values()))},
+                messages.WARNING,
             )
         if skipped:
             self.message_user(
@@ -56,3 +125,27 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     def has_change_state_permission(self, request: HttpRequest) -> bool:
         # Re-driving publishes messages: as strong as deleting the record of a failure.
         return self.has_delete_permission(request)
+
+
+def already_processed(letters: list[DeadLetter]) -> dict[int, str]:
+    """The letters whose consumer has an inbox record of their event: ``{pk: description}``."""
+    from ..models import ProcessedEvent
+
+    if not letters:
+        return {}
+    records = ProcessedEvent.objects.filter(
+        event_id__in={letter.event_id for letter in letters if letter.event_id},
+        consumer__in={letter.task_name for letter in letters if letter.task_name},
+    ).values_list("consumer", "event_id", "mismatch_fingerprint")
+    seen = {(consumer, event_id): bool(mismatch) for consumer, event_id, mismatch in records}
+    found = {}
+    for letter in letters:
+        key = (letter.task_name, letter.event_id)
+        if key in seen:
+            kind = _("payload mismatch") if seen[key] else _("processed")
+            found[letter.pk] = f"{letter.event_id}: {kind}"
+    return found
+
+
+def _when(letter: DeadLetter) -> str:
+    return f"#{letter.pk} {letter.redrive_count}x, last {precise(letter.redriven_at)}"

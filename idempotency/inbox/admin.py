@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from functools import partial
 from typing import Any
 
 from django.contrib import admin, messages
@@ -17,7 +18,7 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import NoReverseMatch, reverse
+from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
@@ -25,6 +26,8 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from ..conf import app_settings
+from ..console.links import event_link
+from ..console.times import PreciseTimesAdmin
 from ..entities import rows_for_event
 from .models import Outcome, ProcessedEvent
 
@@ -50,18 +53,20 @@ class MismatchFilter(admin.SimpleListFilter):
 
 
 @admin.register(ProcessedEvent)
-class ProcessedEventAdmin(admin.ModelAdmin):
+class ProcessedEventAdmin(PreciseTimesAdmin):
     """An audit log: nothing is added or edited here; forgetting a record is explicit and logged."""
 
-    list_display = ("event_id", "consumer", "outcome", "processed_at", "has_mismatch")
+    list_display = ("event_id", "consumer", "outcome", "processed_at", "has_mismatch", "event")
     list_filter = ("consumer", "outcome", MismatchFilter, "processed_at")
-    search_fields = ("=event_id", "consumer")
+    # The start of an id is enough: a UUID's first characters name one event in practice.
+    search_fields = ("^event_id", "consumer")
     date_hierarchy = "processed_at"
     ordering = ("-processed_at",)
     readonly_fields = [
         *(f.name for f in ProcessedEvent._meta.fields),
         "business_entities",
         "payload_diff",
+        "event",
     ]
     fieldsets = [
         (
@@ -70,6 +75,7 @@ class ProcessedEventAdmin(admin.ModelAdmin):
                 "fields": [
                     "consumer",
                     "event_id",
+                    "event",
                     "processed_at",
                     "outcome",
                     "reason",
@@ -87,6 +93,40 @@ class ProcessedEventAdmin(admin.ModelAdmin):
     ]
     actions = ["forget", "forget_and_redrive"]
     show_full_result_count = False
+
+    @admin.display(description=_("event"))
+    def event(self, obj: ProcessedEvent) -> str:
+        return event_link(obj.event_id)
+
+    def get_urls(self) -> list[URLPattern]:
+        # The per-event page and its search, under this admin: the inbox is where an operator
+        # starts, and the page needs no model of its own.
+        from ..console import views
+
+        site = self.admin_site
+        return [
+            path(
+                "event/",
+                site.admin_view(partial(views.search_view, site=site)),
+                name=f"{views.URL_NAME}_search",
+            ),
+            path(
+                "event/<path:event_id>/",
+                site.admin_view(
+                    lambda request, event_id: views.event_view(request, event_id, site)
+                ),
+                name=views.URL_NAME,
+            ),
+            *super().get_urls(),
+        ]
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        if not app_settings.STORE_PAYLOADS:
+            # Without stored payloads there is nothing to publish again: offering the action
+            # would only ever refuse. Records stored while it was on can still be forgotten.
+            actions.pop("forget_and_redrive", None)
+        return actions
 
     @admin.display(boolean=True, description=_("mismatch"))
     def has_mismatch(self, obj: ProcessedEvent) -> bool:

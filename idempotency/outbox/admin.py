@@ -7,10 +7,13 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from ..admin_base import ReadOnlyAdmin
+from ..console.links import event_link
+from ..console.times import PreciseTimesAdmin
 from .models import OutboxMessage
 
 
@@ -45,7 +48,7 @@ class OutboxStatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(ReadOnlyAdmin):
+class OutboxMessageAdmin(PreciseTimesAdmin, ReadOnlyAdmin):
     list_display = (
         "pk",
         "created_at",
@@ -56,11 +59,17 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         "attempts",
         "republished",
         "error",
+        "event",
     )
     list_filter = (OutboxStatusFilter, "task_name", "failed_at")
-    search_fields = ("=event_id", "=task_id")
+    search_fields = ("^event_id", "=task_id")
     date_hierarchy = "created_at"
-    readonly_fields = [f.name for f in OutboxMessage._meta.fields]
+    readonly_fields = [
+        *(f.name for f in OutboxMessage._meta.fields if f.name != "last_error"),
+        "last_error_text",
+        "event",
+    ]
+    exclude = ("last_error",)
     actions = ["redrive"]
 
     @admin.display(description=_("status"))
@@ -70,6 +79,17 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         if message.failed_at is not None:
             return str(_("failed"))
         return str(_("pending"))
+
+    @admin.display(description=_("event"))
+    def event(self, message: OutboxMessage) -> str:
+        return event_link(message.event_id)
+
+    @admin.display(description=_("last error"))
+    def last_error_text(self, message: OutboxMessage) -> str:
+        # Preformatted: an error may carry a traceback, read by its indentation.
+        if not message.last_error:
+            return "-"
+        return format_html('<pre class="idem-traceback">{}</pre>', message.last_error)
 
     @admin.display(description=_("last error"))
     def error(self, message: OutboxMessage) -> str:

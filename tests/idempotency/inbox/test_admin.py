@@ -197,6 +197,24 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return calls
 
 
+@pytest.fixture
+def stored_payloads(settings: Any) -> None:
+    """Forget and re-drive is offered only while payloads are stored."""
+    settings.IDEMPOTENCY = {**settings.IDEMPOTENCY, "STORE_PAYLOADS": True}
+
+
+def test_redrive_is_offered_only_when_payloads_are_stored(
+    admin_client_: Client, settings: Any
+) -> None:
+    ProcessedEventFactory()
+    settings.IDEMPOTENCY = {**settings.IDEMPOTENCY, "STORE_PAYLOADS": False}
+    html = admin_client_.get(URL).content.decode()
+    assert 'value="forget"' in html
+    assert 'value="forget_and_redrive"' not in html
+    settings.IDEMPOTENCY = {**settings.IDEMPOTENCY, "STORE_PAYLOADS": True}
+    assert 'value="forget_and_redrive"' in admin_client_.get(URL).content.decode()
+
+
 def redrive(client: Client, records: list[ProcessedEvent]) -> Any:
     return client.post(
         URL,
@@ -205,6 +223,7 @@ def redrive(client: Client, records: list[ProcessedEvent]) -> Any:
     )
 
 
+@pytest.mark.usefixtures("stored_payloads")
 def test_redrive_forgets_then_publishes_after_commit(
     admin_client_: Client,
     published: list[Any],
@@ -232,6 +251,7 @@ def test_redrive_forgets_then_publishes_after_commit(
     assert "published when the transaction commits" in response.content.decode()
 
 
+@pytest.mark.usefixtures("stored_payloads")
 def test_records_that_cannot_be_redriven_are_reported_and_left_alone(
     admin_client_: Client, published: list[Any]
 ) -> None:
@@ -247,6 +267,7 @@ def test_records_that_cannot_be_redriven_are_reported_and_left_alone(
     assert published == []
 
 
+@pytest.mark.usefixtures("stored_payloads")
 def test_redrive_needs_the_delete_permission(published: list[Any]) -> None:
     viewer = UserFactory(username="viewer", is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_processedevent"))
@@ -259,6 +280,7 @@ def test_redrive_needs_the_delete_permission(published: list[Any]) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("stored_payloads")
 def test_redrive_reports_what_it_published_and_what_failed(
     admin_client_: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1,0 +1,99 @@
+"""Everything the app knows about one event id, gathered from each capability's records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+
+from ..entities import rows_for_event
+
+#: At most this many rows of each kind on one page: an event has a handful; a prefix that
+#: matches thousands is narrowed by the search instead.
+LIMIT = 50
+
+
+@dataclass
+class EventStory:
+    event_id: str
+    outbox: list[Any] = field(default_factory=list)
+    inbox: list[Any] = field(default_factory=list)
+    dead_letters: list[Any] = field(default_factory=list)
+    keys: list[Any] = field(default_factory=list)
+    entities: list[models.Model] = field(default_factory=list)
+
+    @property
+    def known(self) -> bool:
+        return any((self.outbox, self.inbox, self.dead_letters, self.keys, self.entities))
+
+    @property
+    def timeline(self) -> list[tuple[datetime, str, Any]]:
+        """``(when, what, record)`` of every dated step, oldest first."""
+        steps: list[tuple[datetime | None, str, Any]] = []
+        for key in self.keys:
+            steps.append((key.created_at, "key", key))
+        for message in self.outbox:
+            steps.append((message.created_at, "stored", message))
+            steps.append((message.published_at, "published", message))
+            steps.append((message.failed_at, "publish failed", message))
+        for record in self.inbox:
+            steps.append((record.processed_at, str(record.outcome), record))
+            steps.append((record.mismatch_at, "mismatch", record))
+            steps.append((record.last_duplicate_at, "duplicate", record))
+        for letter in self.dead_letters:
+            steps.append((letter.created_at, "dead-lettered", letter))
+            steps.append((letter.redriven_at, "re-driven", letter))
+        dated = [(when, what, record) for when, what, record in steps if when is not None]
+        return sorted(dated, key=lambda step: step[0])
+
+
+def event_story(event_id: str) -> EventStory:
+    """The records of *event_id* (exactly that id), each kind newest first."""
+    from ..models import DeadLetter, IdempotencyKey, OutboxMessage, ProcessedEvent
+
+    return EventStory(
+        event_id=event_id,
+        outbox=list(OutboxMessage.objects.filter(event_id=event_id).order_by("-pk")[:LIMIT]),
+        inbox=list(ProcessedEvent.objects.for_event(event_id).order_by("consumer")[:LIMIT]),
+        dead_letters=list(DeadLetter.objects.filter(event_id=event_id).order_by("-pk")[:LIMIT]),
+        keys=list(keys_of_event(IdempotencyKey.objects.all(), event_id)[:LIMIT]),
+        entities=rows_for_event(event_id),
+    )
+
+
+def keys_of_event(keys: models.QuerySet[Any], event_id: str) -> models.QuerySet[Any]:
+    """The ``Idempotency-Key`` records whose stored response names *event_id*.
+
+    A keyed request that hands its work to an event answers where to follow it (a 201 or 202
+    with a ``Location`` or ``Content-Location`` naming the event): the stored headers are the
+    only link the key keeps. Not indexed: the page of one event reads it, no hot path does.
+    """
+    if len(event_id) < 8:
+        return keys.none()  # too short to name one event in a URL
+    return keys.filter(
+        Q(response_headers__Location__icontains=event_id)
+        | Q(**{"response_headers__Content-Location__icontains": event_id})
+    ).order_by("-pk")
+
+
+def matching_event_ids(prefix: str, *, limit: int = LIMIT) -> list[str]:
+    """Event ids that start with *prefix*, from the inbox, the outbox and the dead letters."""
+    from ..models import DeadLetter, OutboxMessage, ProcessedEvent
+
+    prefix = prefix.strip()
+    if not prefix:
+        return []
+    found: set[str] = set()
+    for model in (ProcessedEvent, OutboxMessage, DeadLetter):
+        ids = (
+            model._default_manager.filter(event_id__startswith=prefix)
+            .exclude(event_id="")
+            .order_by("event_id")
+            .values_list("event_id", flat=True)
+            .distinct()[: limit + 1]
+        )
+        found.update(ids)
+    return sorted(found)[: limit + 1]
