@@ -92,9 +92,7 @@ def test_a_mismatch_shows_on_the_page_with_its_dead_letter(story: Story, root: C
     assert "PayloadMismatch" in html
 
 
-def test_the_key_of_a_keyed_request_is_on_its_events_page(
-    story: Story, root: Client
-) -> None:
+def test_the_key_of_a_keyed_request_is_on_its_events_page(story: Story, root: Client) -> None:
     key = IdempotencyKey.objects.get(key="checkout-7f3a")
     html = page(root, story.keyed_event_id)
     assert f"/admin/idempotency/idempotencykey/{key.pk}/change/" in html
