@@ -5,10 +5,15 @@ Django's admin autodiscovery imports ``idempotency.admin``; each admin lives wit
 
 from __future__ import annotations
 
+# The per-event page reads every capability's records, so it sits above them; it is served
+# under the inbox's admin.
+from .console.views import urls as _event_urls
 from .deadletters.admin import DeadLetterAdmin
 from .http.admin import IdempotencyKeyAdmin
 from .inbox.admin import ProcessedEventAdmin
 from .outbox.admin import OutboxMessageAdmin
+
+ProcessedEventAdmin.extra_urls = staticmethod(_event_urls)
 
 __all__ = [
     "DeadLetterAdmin",

@@ -46,10 +46,21 @@ class ProblemSerializer(serializers.Serializer):
     detail = serializers.CharField()
 
 
+#: What :func:`idempotency.http.parse_key` accepts, as an OpenAPI pattern: 1 to
+#: ``MAX_KEY_LENGTH`` visible ASCII characters, but not ``""`` (an empty quoted key).
+KEY_PATTERN = rf'^(?!""$)[!-~]{{1,{MAX_KEY_LENGTH}}}$'
+
+
 def idempotency_key_parameter(*, required: bool = True) -> OpenApiParameter:
     return OpenApiParameter(
         HEADER,
-        OpenApiTypes.STR,
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_KEY_LENGTH,
+            "pattern": KEY_PATTERN,
+            "example": "6b114c3b-0e01-4b72-8f20-3c8529c75830",
+        },
         OpenApiParameter.HEADER,
         required=required,
         description=(

@@ -6,7 +6,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 
-from idempotency.console.links import event_link
+from idempotency.admin_base import event_link
 
 from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product, Rejection
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -11,25 +12,29 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import NoReverseMatch, reverse
+from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.translation import gettext as _
 
+from ..admin_base import EVENT_URL_NAME, event_url, precise
 from .story import LIMIT, event_story, matching_event_ids
-from .times import precise
 
-#: The URL name of the page, in the admin's namespace.
-URL_NAME = "idempotency_event"
+URL_NAME = EVENT_URL_NAME
 
 
-def event_url(event_id: Any) -> str:
-    """The per-event page of *event_id*; ``""`` if it cannot be named in a URL."""
-    text = str(event_id)
-    if not text:
-        return ""
-    try:
-        return reverse(f"admin:{URL_NAME}", kwargs={"event_id": text})
-    except NoReverseMatch:
-        return ""
+def urls(site: admin.AdminSite) -> list[URLPattern]:
+    """The per-event page and its search, each behind the admin's login."""
+    return [
+        path(
+            "event/",
+            site.admin_view(partial(search_view, site=site)),
+            name=f"{URL_NAME}_search",
+        ),
+        path(
+            "event/<path:event_id>/",
+            site.admin_view(partial(event_view, site=site)),
+            name=URL_NAME,
+        ),
+    ]
 
 
 def search_url(query: str = "") -> str:

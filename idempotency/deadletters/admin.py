@@ -9,9 +9,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from ..admin_base import ReadOnlyAdmin
-from ..console.links import event_link
-from ..console.times import PreciseTimesAdmin, precise
+from ..admin_base import PreciseTimesAdmin, ReadOnlyAdmin, event_link, precise
 from . import redriving
 from .models import DeadLetter
 
@@ -129,7 +127,7 @@ class DeadLetterAdmin(PreciseTimesAdmin, ReadOnlyAdmin):
 
 def already_processed(letters: list[DeadLetter]) -> dict[int, str]:
     """The letters whose consumer has an inbox record of their event: ``{pk: description}``."""
-    from ..models import ProcessedEvent
+    from ..inbox.models import ProcessedEvent
 
     if not letters:
         return {}

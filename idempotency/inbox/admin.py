@@ -7,7 +7,6 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
-from functools import partial
 from typing import Any
 
 from django.contrib import admin, messages
@@ -18,16 +17,15 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import NoReverseMatch, URLPattern, path, reverse
+from django.urls import NoReverseMatch, URLPattern, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
+from ..admin_base import PreciseTimesAdmin, event_link
 from ..conf import app_settings
-from ..console.links import event_link
-from ..console.times import PreciseTimesAdmin
 from ..entities import rows_for_event
 from .models import Outcome, ProcessedEvent
 
@@ -98,27 +96,13 @@ class ProcessedEventAdmin(PreciseTimesAdmin):
     def event(self, obj: ProcessedEvent) -> str:
         return event_link(obj.event_id)
 
-    def get_urls(self) -> list[URLPattern]:
-        # The per-event page and its search, under this admin: the inbox is where an operator
-        # starts, and the page needs no model of its own.
-        from ..console import views
+    #: Extra views under this admin, ``(site) -> [URLPattern]``: the face (idempotency.admin)
+    #: sets the per-event page here, the inbox being where an operator starts.
+    extra_urls: Any = None
 
-        site = self.admin_site
-        return [
-            path(
-                "event/",
-                site.admin_view(partial(views.search_view, site=site)),
-                name=f"{views.URL_NAME}_search",
-            ),
-            path(
-                "event/<path:event_id>/",
-                site.admin_view(
-                    lambda request, event_id: views.event_view(request, event_id, site)
-                ),
-                name=views.URL_NAME,
-            ),
-            *super().get_urls(),
-        ]
+    def get_urls(self) -> list[URLPattern]:
+        extra = self.extra_urls(self.admin_site) if self.extra_urls is not None else []
+        return [*extra, *super().get_urls()]
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions = super().get_actions(request)

@@ -11,9 +11,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from ..admin_base import ReadOnlyAdmin
-from ..console.links import event_link
-from ..console.times import PreciseTimesAdmin
+from ..admin_base import PreciseTimesAdmin, ReadOnlyAdmin, event_link
 from .models import OutboxMessage
 
 

@@ -9,8 +9,7 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 from rest_framework.test import APIClient
 
-from idempotency.console.times import precise
-from idempotency.console.views import event_url
+from idempotency.admin_base import event_url, precise
 from idempotency.models import DeadLetter, IdempotencyKey, OutboxMessage, ProcessedEvent
 from orders.models import Order
 from tests.browser.story import GHOST_ORDER, Story, build
@@ -92,11 +91,15 @@ def test_a_mismatch_shows_on_the_page_with_its_dead_letter(story: Story, root: C
     assert "PayloadMismatch" in html
 
 
-def test_the_key_of_a_keyed_request_is_on_its_events_page(story: Story, root: Client) -> None:
+def test_the_key_of_a_keyed_request_is_on_its_events_page_and_links_back(
+    story: Story, root: Client
+) -> None:
     key = IdempotencyKey.objects.get(key="checkout-7f3a")
     html = page(root, story.keyed_event_id)
     assert f"/admin/idempotency/idempotencykey/{key.pk}/change/" in html
     assert Order.objects.filter(original_event_id=story.keyed_event_id).exists()
+    detail = root.get(f"/admin/idempotency/idempotencykey/{key.pk}/change/").content.decode()
+    assert event_url(story.keyed_event_id) in detail
 
 
 def test_an_unknown_event_says_so(root: Client) -> None:

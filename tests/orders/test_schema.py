@@ -48,6 +48,22 @@ def test_a_page_past_the_last_is_a_404(api_client: APIClient) -> None:
     assert api_client.get("/api/orders/", {"page": 0}).status_code == 404
 
 
+def test_the_idempotency_key_header_has_its_length_and_pattern(schema: dict[str, Any]) -> None:
+    [header] = [
+        p
+        for p in schema["paths"]["/api/orders/"]["post"]["parameters"]
+        if p["in"] == "header" and p["name"] == "Idempotency-Key"
+    ]
+    assert header["required"] is True
+    key = header["schema"]
+    assert (key["minLength"], key["maxLength"]) == (1, 255)
+    pattern = re.compile(key["pattern"])
+    assert pattern.match("6b114c3b-0e01-4b72-8f20-3c8529c75830")
+    assert pattern.match('"quoted"')
+    for refused in ['""', "with space", "é", "k" * 256]:
+        assert not pattern.match(refused)
+
+
 def test_ids_are_declared_as_the_serializer_checks_them(schema: dict[str, Any]) -> None:
     order_id = schema["components"]["schemas"]["OrderShipped"]["properties"]["orderId"]
     assert order_id["minLength"] == 1  # an empty orderId is refused: the schema says so
