@@ -58,7 +58,9 @@ def versions(env: dict[str, str]) -> dict[str, str]:
         "amqp = Connection('amqp://guest:guest@127.0.0.1:5672//'); amqp.connect();"
         "rabbit = amqp.connection.server_properties.get('version', '?'); amqp.release();"
         "r = redis.Redis.from_url('redis://127.0.0.1:6379/0').info()['redis_version'];"
+        "from importlib.metadata import version;"
         "print(json.dumps({'Django': django.get_version(), 'Celery': celery.__version__,"
+        "'moto (the SQS emulator)': version('moto'),"
         "'kombu': kombu.__version__, 'psycopg': psycopg.__version__, 'PostgreSQL': pg,"
         "'RabbitMQ': rabbit, 'Redis': r}))"
     )
@@ -159,9 +161,10 @@ def plot(claim: dict[str, Any], e2e: list[list[Any]], path: Path) -> None:
     left.set_title("The PlaceOrder transaction on PostgreSQL")
     left.legend()
     rates = {(b, k, p): statistics.median(r) for b, k, p, r in e2e}
-    labels = [f"{b} {k}" for b in ("rabbitmq", "redis") for k in ("unguarded", "guarded")]
+    brokers = list(dict.fromkeys(row[0] for row in e2e))
+    labels = [f"{b} {k}" for b in brokers for k in ("unguarded", "guarded")]
     for i, p in enumerate((1, 2)):
-        values = [rates[(b, k, p)] for b in ("rabbitmq", "redis") for k in ("unguarded", "guarded")]
+        values = [rates[(b, k, p)] for b in brokers for k in ("unguarded", "guarded")]
         right.barh(
             [y + i * width for y in range(len(labels))], values, width, label=f"{p} process(es)"
         )
@@ -228,6 +231,9 @@ def main() -> None:
         "## Celery end to end",
         "",
         *e2e_table(e2e),
+        "",
+        "The `sqs` rows run through moto's SQS emulator on the same machine (or `BENCH_SQS_URL`):",
+        "they measure the example's SQS path with the emulator's speed, not Amazon SQS's.",
         "",
         "## Purge",
         "",

@@ -4,19 +4,26 @@
 
 The queue is filled first, then a worker with P pool processes drains it; the rate is taken from
 the orders' own timestamps (first to last), so worker start-up does not count.
+
+SQS runs against ``BENCH_SQS_URL`` or, without it, a ``moto_server`` (an emulator of the SQS API,
+``requirements/dev.txt``) started on a free loopback port for the run: that row measures the
+example's SQS path through the emulator, not Amazon SQS's throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ from kombu import Connection  # noqa: E402
 from bench.claim import write_json  # noqa: E402
 from bench.tasks import guarded, unguarded  # noqa: E402
 from orders.models import Customer, Order, Product  # noqa: E402
+from project import sqs  # noqa: E402
 from project.queues import dead_letter_queue, work_queue  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +50,21 @@ BROKERS = {
     "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
     # The example's embedded default (project/embedded_broker.py), in a directory of its own.
     "embedded": "filesystem://",
+    "sqs": os.environ.get("BENCH_SQS_URL", ""),
 }
 EMBEDDED_TASKS = 200
+#: Tasks per SQS run of a quick (smoke) run: through the emulator one pool process drains
+#: about 2 a second.
+QUICK_SQS_TASKS = 30
+#: What a process needs to reach the local emulator (any credentials do; plain HTTP).
+SQS_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "CELERY_SQS_SECURE": "0",
+    # A worker's poll returns within 2 s of the queue running dry, so it stops soon after.
+    "CELERY_SQS_WAIT_TIME_SECONDS": "2",
+}
 # CELERY_EMBEDDED_TRANSPORT=filesystem: kombu's transport as it comes (project/settings.py).
 EMBEDDED_TRANSPORT = os.environ.get(
     "CELERY_EMBEDDED_TRANSPORT", "project.embedded_broker:Transport"
@@ -78,6 +99,34 @@ def database_url() -> str:
     return f"postgres://{auth}{s.get('HOST') or '127.0.0.1'}:{s.get('PORT') or 5432}/{s['NAME']}"
 
 
+@contextlib.contextmanager
+def local_sqs() -> Iterator[str]:
+    """A moto_server on a free loopback port for the run; its kombu URL."""
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    if binary is None:
+        sys.exit("moto_server is not installed (requirements/dev.txt); or set BENCH_SQS_URL")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit("moto_server did not start")
+            time.sleep(0.2)
+        yield f"sqs://bench:bench@127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
     pairs, customer = reset()
     queue_name = f"bench-{uuid.uuid4().hex[:10]}"
@@ -99,6 +148,10 @@ def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
                 "control_folder": str(folders["control"]),
             },
         }
+    if broker == "sqs":
+        # As project/settings.py configures the producers (the worker reads the same env).
+        options = sqs.transport_options({**os.environ, **SQS_ENV}, visibility_timeout=900)
+        connect = {"transport_options": options}
     with Connection(url, **connect) as conn:
         producer_queue = queue.bind(conn.default_channel)
         producer_queue.declare()
@@ -111,6 +164,7 @@ def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
             task.apply_async(args=[event], queue=queue, connection=conn)
     env = {
         **os.environ,
+        **(SQS_ENV if broker == "sqs" and "127.0.0.1" in url else {}),
         "DATABASE_URL": database_url(),
         "CELERY_BROKER_URL": url,
         "CELERY_QUEUE": queue_name,
@@ -145,7 +199,7 @@ def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
 
 
 def measure(
-    runs: int, tasks: int, processes: tuple[int, ...], brokers: list[str]
+    runs: int, tasks: int, processes: tuple[int, ...], brokers: list[str], quick: bool = False
 ) -> dict[tuple[str, str, int], list[float]]:
     results: dict[tuple[str, str, int], list[float]] = {}
     for run in range(runs):
@@ -155,6 +209,8 @@ def measure(
                     # The embedded broker is a development one, some 20 times slower: fewer
                     # tasks keep `make bench` within its ten minutes, and still give a rate.
                     n = min(tasks, EMBEDDED_TASKS) if broker == "embedded" else tasks
+                    if quick and broker == "sqs":
+                        n = min(tasks, QUICK_SQS_TASKS)
                     rate = run_once(broker, kind, p, n)
                     results.setdefault((broker, kind, p), []).append(rate)
                     print(
@@ -180,12 +236,17 @@ def main() -> None:
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
-    results = measure(
-        args.runs or (1 if args.quick else 3),
-        args.tasks or (100 if args.quick else 1000),
-        (1, 2),
-        args.broker or list(BROKERS),
-    )
+    brokers = args.broker or list(BROKERS)
+    with contextlib.ExitStack() as stack:
+        if "sqs" in brokers and not BROKERS["sqs"]:
+            BROKERS["sqs"] = stack.enter_context(local_sqs())
+        results = measure(
+            args.runs or (1 if args.quick else 3),
+            args.tasks or (100 if args.quick else 1000),
+            (1, 2),
+            brokers,
+            quick=args.quick,
+        )
     if args.json:
         write_json(args.json, [[b, k, p, rates] for (b, k, p), rates in results.items()])
     print("| broker | processes | task | tasks/s median | min-max |")
