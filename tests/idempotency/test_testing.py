@@ -162,3 +162,16 @@ def test_importing_the_helpers_or_the_app_imports_no_pytest() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_pytest_entry_point_names_the_plugin_module() -> None:
+    """What an installed package registers: the module with both fixtures, under its own name."""
+    import importlib
+
+    import tomllib
+
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    ((name, target),) = entry_points["pytest11"].items()
+    assert name == target  # the conftest's pytest_plugins entry then cannot load it twice
+    plugin = importlib.import_module(target)
+    assert {"deliver_concurrently", "deliver_after_crash"} <= set(vars(plugin))
