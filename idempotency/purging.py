@@ -28,6 +28,8 @@ def purge_other_records(
     attempts = DeliveryAttempt.objects.using(using)
     return {
         "HTTP idempotency keys": keys.purge(before=cutoff, batch_size=batch_size),
-        "published outbox messages": messages.purge_published(before=cutoff, batch_size=batch_size),
+        "published outbox messages": messages.purge_published(
+            before=cutoff, open_before=now - retention, batch_size=batch_size
+        ),
         "delivery counters": attempts.purge(before=cutoff, batch_size=batch_size),
     }

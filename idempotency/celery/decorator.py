@@ -101,8 +101,12 @@ def idempotent_task(
         run.__qualname__ = fn.__qualname__
         run.__module__ = fn.__module__
         run.__doc__ = fn.__doc__
+        # The options become attributes of the task's class: a key function stored as it is
+        # would be bound as a method and called with the task first, so the reconciler, the
+        # delivery limit and the dead letters would never find the key the worker claims.
+        key_spec = staticmethod(key) if callable(key) else key
         return shared_task(
-            bind=True, key_spec=key, consumer_name=consumer, inbox_using=using, **options
+            bind=True, key_spec=key_spec, consumer_name=consumer, inbox_using=using, **options
         )(run)
 
     return decorate(func) if func is not None else decorate

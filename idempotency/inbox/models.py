@@ -97,6 +97,12 @@ class ProcessedEventQuerySet(models.QuerySet["ProcessedEvent"]):
         condition = _retention_condition(cutoffs)
         if condition is None:
             return
+        if before is not None:
+            # Earlier than the retention the reconciler's look-back counts on: close the rows
+            # it could otherwise republish once their records are gone, before deleting any.
+            from ..outbox.reconciling import close_for_purge
+
+            close_for_purge(cutoffs, using=using)
         span = _sweep_span(self.model._base_manager.using(using), cutoffs.latest())
         if span is None:
             return

@@ -34,10 +34,22 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
         using = getattr(self, "_db", None) or router.db_for_write(self.model) or DEFAULT_DB_ALIAS
         return self.using(using).failed().update(failed_at=None, republished=0)
 
-    def purge_published(self, *, before: datetime, batch_size: int = 1000) -> int:
-        """Delete the messages published before *before*, a batch per transaction."""
+    def purge_published(
+        self, *, before: datetime, open_before: datetime | None = None, batch_size: int = 1000
+    ) -> int:
+        """Delete the messages published before *before*, a batch per transaction.
+
+        Those the reconciler has not closed yet go only if published before *open_before*
+        (default: *before*): a purge with a cut-off earlier than the retention would take
+        a message the broker lost before its check, and with it the only trace of that loss.
+        """
         using = getattr(self, "_db", None) or router.db_for_write(self.model) or DEFAULT_DB_ALIAS
-        published = self.using(using).filter(published_at__lt=before).order_by("pk")
+        published = self.using(using).filter(published_at__lt=before)
+        if open_before is not None and open_before < before:
+            published = published.filter(
+                models.Q(reconciled_at__isnull=False) | models.Q(published_at__lt=open_before)
+            )
+        published = published.order_by("pk")
         deleted = 0
         while pks := list(published.values_list("pk", flat=True)[:batch_size]):
             with transaction.atomic(using=using):

@@ -46,6 +46,7 @@ from .. import signals
 from ..clock import database_now
 from ..conf import app_settings
 from ..exceptions import IdempotencyConfigurationError
+from ..inbox.retention import RetentionCutoffs
 from ..keys import extract_key
 from .models import OutboxMessage
 
@@ -141,10 +142,15 @@ def consumer_of(message: Any, tasks: Any) -> Consumer | str:
     spec = task.key_spec if task.key_spec is not None else app_settings.KEY
     try:
         key = extract_key(message.args[0], spec)
+        again = extract_key(message.args[0], spec)
     # A key function of the project's may raise anything; the worker dead-letters such an
     # event, and without a key there is no inbox record to look for.
     except Exception as exc:
         return f"its event has no usable key ({exc})"
+    if again != key:
+        # A key function that draws a new key each call (a uuid4, the time) never finds the
+        # worker's record, and the worker would claim a fresh key for the copy: applied twice.
+        return f"its key is not the same twice ({key!r}, then {again!r})"
     return Consumer(task.consumer_name or task.name, key, task.inbox_using or inbox_database())
 
 
@@ -416,3 +422,46 @@ def _republish(
     if sent.outage is not None:
         result.outage = sent.outage[1]
     return sent.interrupted
+
+
+def close_for_purge(cutoffs: RetentionCutoffs, *, using: str, batch_size: int = 1000) -> int:
+    """Close the open rows whose inbox records a purge with *cutoffs* on *using* may delete.
+
+    The look-back above assumes a record lives for its consumer's retention. A purge with an
+    earlier cut-off (``purge_processed_events --older-than``, ``purge(before=...)``) deletes
+    records of events the reconciler may still check: it would see no outcome and republish
+    an effect already applied. So, before such a purge, every open row of a consumer it purges
+    whose first publish is past the same look-back, counted from the purge's cut-off, is closed
+    unchecked, as the reconciler would close it. The number closed.
+    """
+    after, _ = _settings()
+    bounds = [c for c in (cutoffs.others, *cutoffs.consumers.values()) if c is not None]
+    if after is None or not bounds:
+        return 0
+    rows = OutboxMessage.objects.using(router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS)
+    horizon = max(bounds) + after
+    candidates = rows.unreconciled().filter(Q(created_at__lt=horizon) | Q(published_at__lt=horizon))
+    tasks = _tasks()
+    closed, last = 0, 0
+    while batch := list(candidates.filter(pk__gt=last).order_by("pk")[:batch_size]):
+        last = batch[-1].pk
+        gone: list[int] = []
+        for message in batch:
+            found = consumer_of(message, tasks)
+            if not isinstance(found, Consumer) or found.using != using:
+                continue  # never republished, or its records are not in the purged database
+            cutoff = cutoffs.consumers.get(found.consumer, cutoffs.others)
+            first = min(message.created_at, message.published_at or message.created_at)
+            if cutoff is not None and first < cutoff + after:
+                gone.append(message.pk)
+        if gone:
+            closed += rows.filter(pk__in=gone, reconciled_at__isnull=True).update(
+                reconciled_at=Now()
+            )
+    if closed:
+        logger.warning(
+            "outbox reconcile: %d open message(s) closed unchecked before a purge with a cut-off "
+            "earlier than the retention (their inbox records may be deleted by it)",
+            closed,
+        )
+    return closed

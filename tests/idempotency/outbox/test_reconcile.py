@@ -6,6 +6,7 @@ broker, the races and two reconcilers at once are in ``test_reconcile_services.p
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
@@ -40,6 +41,20 @@ def plain(event: dict[str, Any]) -> None:
 def renamed(event: dict[str, Any]) -> None:
     """Its own consumer name and a composite key: the inbox records neither the task name nor
     the producer's event id."""
+
+
+@idempotent_task(name="tests.reconcile.random_key", key=lambda event: str(uuid.uuid4()))
+def random_key(event: dict[str, Any]) -> None:
+    """A key function that draws a new key each call: no record is ever found under it."""
+
+
+def _order_key(event: dict[str, Any]) -> str:
+    return f"order-{event['orderId']}"
+
+
+@idempotent_task(name="tests.reconcile.key_function", key=_order_key)
+def key_function(event: dict[str, Any]) -> None:
+    """A deterministic key function: the reconciler looks up the key the worker claims."""
 
 
 def _not_idempotent(event: Any) -> None:
@@ -227,6 +242,33 @@ def test_what_cannot_be_verified_is_closed_and_never_republished(
     assert "its event has no usable key" in reasons
 
 
+def test_a_key_function_is_applied_to_the_event_as_the_worker_applies_it(
+    broker: mock.Mock,
+) -> None:
+    published("tests.reconcile.key_function", {"eventId": "e-1", "orderId": 7})
+    assert reconciler.consumer_of(OutboxMessage.objects.get(), reconciler._tasks()) == (
+        reconciler.Consumer("tests.reconcile.key_function", "order-7", "default")
+    )
+    # The worker's own label of the event (delivery limit, dead letters) is the same key.
+    assert key_function._event_id([{"orderId": 7}]) == "order-7"
+    ProcessedEvent.objects.create(consumer="tests.reconcile.key_function", event_id="order-7")
+    assert outbox.reconcile().confirmed == 1
+    assert not broker.called
+
+
+def test_a_key_function_that_is_not_deterministic_is_never_republished(
+    broker: mock.Mock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker claimed one key and applied the effect; the reconciler draws another, finds
+    no record under it, and a copy would be claimed under a third: applied twice."""
+    published("tests.reconcile.random_key")
+    with caplog.at_level("INFO", logger="idempotency"):
+        result = outbox.reconcile()
+    assert (result.unverifiable, result.republished) == (1, 0)
+    assert not broker.called
+    assert "its key is not the same twice" in caplog.text
+
+
 def test_the_project_tasks_are_found_in_a_process_that_never_imported_them() -> None:
     """A relay process imports no task module; the reconciler imports them as a worker does."""
     from celery import current_app
@@ -277,6 +319,73 @@ def test_the_look_back_counts_from_the_earlier_of_stored_and_published(broker: m
     message = published()
     OutboxMessage.objects.filter(pk=message.pk).update(created_at=Now() - timedelta(days=31))
     assert outbox.reconcile().expired == 1
+
+
+def _late_record(event_id: str, consumer: str, ago: timedelta) -> None:
+    ProcessedEvent.objects.create(consumer=consumer, event_id=event_id)
+    ProcessedEvent.objects.filter(consumer=consumer, event_id=event_id).update(
+        processed_at=Now() - ago
+    )
+
+
+@pytest.mark.parametrize("consumer", [None, "tests.reconcile.plain"])
+def test_a_purge_earlier_than_the_retention_never_causes_a_republish(
+    broker: mock.Mock, consumer: str | None
+) -> None:
+    """The first check found no record (a backlog) and republished; the first copy then ran
+    and its record is 20 minutes old at the next check. A purge of records older than 10
+    minutes deletes it: the check would see no outcome and send a copy that runs again."""
+    applied = published(ago=3 * HOUR, republished=1)
+    _late_record("e-1", "tests.reconcile.plain", timedelta(minutes=20))
+    # Another consumer's row: kept open when the purge is of one consumer only.
+    other = published(
+        "tests.reconcile.renamed", {"orderId": "O", "paymentId": "P"}, event_id="x", ago=3 * HOUR
+    )
+    args = ["--older-than", "10m", *(["--consumer", consumer] if consumer else [])]
+    call_command("purge_processed_events", *args, stdout=StringIO())
+    assert not ProcessedEvent.objects.filter(event_id="e-1").exists()
+    open_rows = OutboxMessage.objects.unreconciled()
+    assert not open_rows.filter(pk=applied.pk).exists()  # closed (and maybe purged with it)
+    result = outbox.reconcile()
+    assert str(applied.task_id) not in sent_ids(broker)
+    if consumer is None:  # every consumer was purged
+        assert not open_rows.filter(pk=other.pk).exists()
+        assert result.checked == 0
+    else:
+        assert (result.checked, result.republished) == (1, 1)
+        assert sent_ids(broker) == [str(other.task_id)]
+
+
+@override_settings(
+    IDEMPOTENCY={
+        "CONSUMER_RETENTION": {"billing": timedelta(days=90)},
+        "RETENTION": timedelta(days=30),
+    }
+)
+def test_a_purge_earlier_than_the_retention_keeps_the_rows_still_to_check(
+    broker: mock.Mock,
+) -> None:
+    """A consumer keeping its own retention keeps its records, so its open rows stay open; and
+    the purge of old outbox rows must not take them either, or a message the broker lost
+    before its check would never be sent again."""
+    lost = published(
+        "tests.reconcile.renamed", {"orderId": "O", "paymentId": "P"}, event_id="x", ago=3 * HOUR
+    )
+    call_command("purge_processed_events", "--older-than", "10m", stdout=StringIO())
+    assert OutboxMessage.objects.unreconciled().filter(pk=lost.pk).exists()
+    assert outbox.reconcile().republished == 1
+    assert sent_ids(broker) == [str(lost.task_id)]
+
+
+def test_a_purge_by_the_retention_leaves_the_rows_to_the_look_back(broker: mock.Mock) -> None:
+    message = published(ago=3 * HOUR, republished=1)
+    _late_record("e-1", "tests.reconcile.plain", timedelta(minutes=20))
+    call_command("purge_processed_events", stdout=StringIO())
+    assert ProcessedEvent.objects.filter(event_id="e-1").exists()
+    assert outbox.reconcile().confirmed == 1
+    message.refresh_from_db()
+    assert message.reconciled_at is not None
+    assert not broker.called
 
 
 # --- The run ----------------------------------------------------------------------------------
