@@ -8,7 +8,16 @@ from django.utils.translation import gettext_lazy as _
 
 from idempotency.admin_base import event_link
 
-from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product, Rejection
+from .models import (
+    ConfirmationEmail,
+    Customer,
+    LedgerEntry,
+    Order,
+    OrderItem,
+    Payment,
+    Product,
+    Rejection,
+)
 
 
 def processed_events_link(event_id: Any) -> str:
@@ -57,8 +66,8 @@ class LedgerEntryInline(admin.TabularInline):
 
 @admin.register(Customer)
 class CustomerAdmin(admin.ModelAdmin):
-    list_display = ("customer_id", "name", "balance")
-    search_fields = ("customer_id", "name")
+    list_display = ("customer_id", "name", "email", "balance")
+    search_fields = ("customer_id", "name", "email")
     # The balance moves only with DebitAccount events (its ledger says which).
     readonly_fields = ("balance",)
     inlines = [LedgerEntryInline]
@@ -155,4 +164,26 @@ class RejectionAdmin(EventDerivedAdmin):
 
     @admin.display(description=_("event"))
     def processed_events(self, obj: Rejection) -> str:
+        return processed_events_link(obj.original_event_id)
+
+
+@admin.register(ConfirmationEmail)
+class ConfirmationEmailAdmin(EventDerivedAdmin):
+    """Order confirmations the SMTP server accepted (a record, never edited)."""
+
+    list_display = ("order", "recipient", "message_id", "sent_at")
+    search_fields = ("=order__order_id", "recipient", "=message_id", "=original_event_id")
+    date_hierarchy = "sent_at"
+    readonly_fields = (
+        "original_event_id",
+        "processed_events",
+        "order",
+        "recipient",
+        "message_id",
+        "sent_at",
+    )
+    list_select_related = ("order",)
+
+    @admin.display(description=_("event"))
+    def processed_events(self, obj: ConfirmationEmail) -> str:
         return processed_events_link(obj.original_event_id)

@@ -4,6 +4,7 @@ from decimal import Decimal
 
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
 from idempotency.entities import EventKeyedModel
@@ -31,6 +32,8 @@ class Product(models.Model):
 class Customer(models.Model):
     customer_id = models.CharField(_("customer id"), max_length=64, unique=True)
     name = models.CharField(_("name"), max_length=200, blank=True)
+    #: Where an accepted order's confirmation goes; none is sent without one.
+    email = models.EmailField(_("email"), blank=True)
     balance = models.DecimalField(
         _("balance"), max_digits=12, decimal_places=2, default=Decimal("0.00")
     )
@@ -162,3 +165,22 @@ class Rejection(EventKeyedModel):
 
     def __str__(self) -> str:
         return f"{self.consumer}: {self.original_event_id}"
+
+
+class ConfirmationEmail(EventKeyedModel):
+    """An order confirmation, recorded once the SMTP server accepted it.
+
+    ``original_event_id`` is the OrderPlaced event's id, which is derived from the PlaceOrder
+    event's; ``message_id`` is the email's ``Message-ID``, derived from it too.
+    """
+
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="confirmations")
+    recipient = models.EmailField(_("recipient"))
+    message_id = models.CharField(_("Message-ID"), max_length=255, unique=True)
+    sent_at = models.DateTimeField(_("sent at"), db_default=Now())
+
+    class Meta:
+        ordering = ["-sent_at"]
+
+    def __str__(self) -> str:
+        return f"{self.order_id} to {self.recipient}"

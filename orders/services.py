@@ -13,6 +13,8 @@ from collections import Counter
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
+from django.core.mail import EmailMessage
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -20,7 +22,16 @@ from django.utils import timezone
 from idempotency.entities import create_once
 from idempotency.inbox import current_claim, reject
 
-from .models import Customer, LedgerEntry, Order, OrderItem, Payment, Product, Rejection
+from .models import (
+    ConfirmationEmail,
+    Customer,
+    LedgerEntry,
+    Order,
+    OrderItem,
+    Payment,
+    Product,
+    Rejection,
+)
 
 logger = logging.getLogger("orders")
 
@@ -89,7 +100,70 @@ def place_order(event: dict[str, Any]) -> dict[str, Any]:
         (products[pid].price * qty for pid, qty in wanted.items()), start=Decimal("0.00")
     )
     order.save(update_fields=["customer", "status", "total"])
+    if customer.email:
+        _emit_order_placed(event, order, customer)
     return order_summary(order)
+
+
+def _emit_order_placed(event: dict[str, Any], order: Order, customer: Customer) -> None:
+    """Store the OrderPlaced message with the order, in its transaction (the outbox).
+
+    Its id is derived from the PlaceOrder event's, so a redelivery that got this far again (its
+    first attempt rolled back) emits the same id, and the confirmation consumer's inbox discards
+    any copy the relay or the reconciler publishes.
+    """
+    from idempotency import outbox
+    from idempotency.consumers import derived_event_id
+
+    from . import tasks
+
+    placed = {
+        "eventId": derived_event_id(event["eventId"], "OrderPlaced"),
+        "type": "OrderPlaced",
+        "orderId": order.order_id,
+        "customerId": customer.customer_id,
+        "email": customer.email,
+        "total": str(order.total),
+    }
+    outbox.enqueue(tasks.send_order_confirmation, [placed], event_id=placed["eventId"])
+
+
+def confirmation_message_id(event_id: str) -> str:
+    """The confirmation's ``Message-ID``: derived from the OrderPlaced event's id, so a second
+    send of the same confirmation carries the same id (mail clients and providers that
+    de-duplicate by it show one)."""
+    domain = settings.DEFAULT_FROM_EMAIL.rpartition("@")[2].strip("> ") or "localhost"
+    return f"<{event_id}@{domain}>"
+
+
+def send_order_confirmation(event: dict[str, Any]) -> dict[str, Any]:
+    """Email the customer their order's confirmation; record it once the server accepted it.
+
+    At least once, not exactly once: SMTP is outside the transaction. A worker killed after the
+    send and before the commit sends it again on the redelivery (with the same Message-ID);
+    see docs/consumers.md.
+    """
+    sent = ConfirmationEmail.objects.filter(original_event_id=event["eventId"]).first()
+    if sent is not None:
+        # The inbox record was purged and the event came back: sent already, not again.
+        return {"orderId": event["orderId"], "messageId": sent.message_id}
+    order = Order.objects.get(order_id=event["orderId"])
+    message_id = confirmation_message_id(event["eventId"])
+    EmailMessage(
+        subject=f"Your order {order.order_id}",
+        body=f"Thank you: your order {order.order_id} ({event['total']}) is accepted.",
+        to=[event["email"]],
+        headers={"Message-ID": message_id},
+    ).send()
+    # Recorded after the server accepted it: a send that failed leaves nothing, and the
+    # delivery is tried again.
+    ConfirmationEmail.objects.create(
+        original_event_id=event["eventId"],
+        order=order,
+        recipient=event["email"],
+        message_id=message_id,
+    )
+    return {"orderId": order.order_id, "messageId": message_id}
 
 
 def _take_stock(products: dict[str, Product], wanted: Counter[str]) -> None:

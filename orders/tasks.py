@@ -40,3 +40,9 @@ def debit_account(event: dict[str, Any]) -> dict[str, Any]:
 @idempotent_task(**OUT_OF_ORDER_RETRY)
 def ship_order(event: dict[str, Any]) -> dict[str, Any]:
     return services.ship_order(event)
+
+
+@idempotent_task
+def send_order_confirmation(event: dict[str, Any]) -> dict[str, Any]:
+    """OrderPlaced, emitted by place_order through the outbox: the customer's email."""
+    return services.send_order_confirmation(event)

@@ -7,6 +7,7 @@ goes back to the broker. See docs/consumers.md.
 
 - :mod:`.processing`: :class:`EventConsumer`, the broker-neutral core (:class:`Delivery` in,
   :class:`Outcome` out), which the adapters and a hand-written loop (Kafka) share.
+- :mod:`.publishing`: :func:`derived_event_id`, the id of a message a consumer emits.
 - :mod:`.kombu`: :class:`KombuConsumer`, a ``kombu.Consumer`` loop (RabbitMQ, Redis, SQS).
 - :mod:`.nats`: :class:`JetStreamConsumer`, a NATS JetStream pull consumer (needs ``nats-py``).
 
@@ -20,6 +21,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from .processing import Decision, Delivery, EventConsumer, Outcome
+from .publishing import derived_event_id
 
 if TYPE_CHECKING:
     from .kombu import KombuConsumer
@@ -34,6 +36,7 @@ __all__ = [
     "JetStreamConsumer",
     "KombuConsumer",
     "Outcome",
+    "derived_event_id",
 ]
 
 
