@@ -9,7 +9,7 @@ PORT   ?= 8000
 # The fault-injection suite runs on PostgreSQL (a database of its own), RabbitMQ and Redis.
 FAULTS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/idempotency_faults
 
-.PHONY: run test lint clean faults soak dist nox docs
+.PHONY: run test lint clean faults soak dist nox docs conformance
 
 $(STAMP): requirements/base.txt requirements/test.txt requirements/dev.txt requirements/docs.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ dist: $(STAMP)  ## build the wheel and the sdist into dist/ and check them with 
 NOX_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/idempotency
 nox: $(STAMP)  ## the version matrix (about 3 minutes a session)
 	NOX_POSTGRES_URL=$(NOX_POSTGRES_URL) $(BIN)/nox $(ARGS)
+
+# schemathesis (every check, bounded examples, a fixed seed) against gunicorn on PostgreSQL.
+conformance: $(STAMP)  ## the API against its OpenAPI schema, live (about 2 minutes); CONFORMANCE_SEED, CONFORMANCE_EXAMPLES
+	REQUIRE_SERVICES=1 $(BIN)/pytest -m conformance -s tests/conformance
 
 clean:
 	rm -rf $(VENV) var dist .nox .pytest_cache .mypy_cache .ruff_cache

@@ -127,7 +127,8 @@ class PlaceOrderMixin:
             idempotency_key_parameter(required=True),
             OpenApiParameter(
                 "Location",
-                OpenApiTypes.URI,
+                # A path on this server, not an absolute URI.
+                {"type": "string", "format": "uri-reference"},
                 OpenApiParameter.HEADER,
                 description="The status URL of the request.",
                 response=[202],

@@ -47,3 +47,21 @@ def _or_a_list(schema: dict[str, Any], most: int) -> dict[str, Any]:
             {"type": "array", "items": schema, "minItems": 1, "maxItems": most},
         ]
     }
+
+
+#: Answered by project.middleware on every endpoint, whatever its view declares.
+EVERY_ENDPOINT = {
+    "400": "The URL (path, query or a header) holds a NUL character.",
+    "503": "The database is unavailable; retry after Retry-After.",
+}
+
+
+def every_endpoint(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """drf-spectacular postprocessing hook: the answers the middleware gives on every endpoint."""
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            for status, description in EVERY_ENDPOINT.items():
+                operation["responses"].setdefault(status, {"description": description})
+    return result

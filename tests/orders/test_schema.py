@@ -124,3 +124,13 @@ def test_the_amount_pattern_is_the_serializers_rule(
     assert bool(re.fullmatch(published["pattern"], amount)) is valid
     response = api_client.post("/api/events/", payment_received_event(amount=amount), format="json")
     assert (response.status_code == 202) is valid, response.content
+
+
+def test_every_operation_documents_the_middlewares_400_and_503(schema: dict[str, Any]) -> None:
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert {"400", "503"} <= set(operation["responses"]), (method, path)
+
+
+def test_a_nul_in_a_query_parameter_is_the_documented_400(api_client: APIClient) -> None:
+    assert api_client.get("/api/orders/?%00x=1").status_code == 400
