@@ -155,3 +155,47 @@ def test_queues_are_required() -> None:
 
 def handlers_event() -> dict[str, Any]:
     return {"eventId": str(uuid.uuid4())}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_sqs_with_the_example_transport_each_event_is_applied_once(
+    sqs_emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQS through the example's transport (project/sqs.py), which flags a redelivery and deletes
+    an acknowledged message; the emulator stands in for SQS (tests/sqs.py)."""
+    from project import sqs
+    from project.queues import work_queue
+    from tests.integration.test_sqs import _attributes, _connection
+    from tests.sqs import SQS_ENV
+
+    require_postgres()
+    for key, value in SQS_ENV.items():
+        monkeypatch.setenv(key, value)
+    name = f"idem-consumers-{uuid.uuid4().hex[:12]}"
+    sqs.declare_queues(sqs_emulator.client, name, visibility_timeout=2, max_receive_count=5)
+    try:
+        handlers.ensure_customer()
+        body = handlers_event()
+        queue = work_queue(name)
+        with _connection(sqs_emulator) as conn:
+            conn.Producer().publish(
+                body, exchange=queue.exchange, routing_key=name, declare=[queue]
+            )
+            conn.Producer().publish(
+                body, exchange=queue.exchange, routing_key=name, declare=[queue]
+            )
+        outcomes: list[Outcome] = []
+        events = EventConsumer(handlers.credit, consumer=CONSUMER)
+        consumer = KombuConsumer(
+            _connection(sqs_emulator), [queue], events, on_outcome=outcomes.append
+        )
+        consumer.run(idle_timeout=3)
+        assert sorted(o.status for o in outcomes) == ["duplicate", "processed"]
+        assert handlers.effects(body["eventId"]) == 1
+        attributes = _attributes(sqs_emulator, sqs.queue_names(name)[0])
+        assert attributes["ApproximateNumberOfMessages"] == "0"
+        assert attributes["ApproximateNumberOfMessagesNotVisible"] == "0"
+    finally:
+        for sqs_name in sqs.queue_names(name):
+            url = sqs_emulator.client.get_queue_url(QueueName=sqs_name)["QueueUrl"]
+            sqs_emulator.client.delete_queue(QueueUrl=url)
