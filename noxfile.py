@@ -31,7 +31,16 @@ NEWEST = ("3.13", "6.0")
 
 POSTGRES_URL = os.environ.get("NOX_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/idempotency")
 MYSQL_URL = os.environ.get("NOX_MYSQL_URL", "mysql://root@127.0.0.1:3306/idempotency")
-UNIT = ["-m", "not services and not faults and not soak", "-p", "no:cacheprovider"]
+UNIT = [
+    "-m",
+    "not services and not faults and not soak",
+    "-p",
+    "no:cacheprovider",
+    # It serves the docs' commands with scripts/run.sh, on the repository's .venv: not the
+    # session's Python and Django.
+    "--deselect",
+    "tests/integration/test_docs_commands.py",
+]
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
