@@ -10,11 +10,13 @@ letter, nothing left on the broker, and every armed kill fired. ~30 s per scenar
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from kombu import Connection, Exchange, Queue
 
 from idempotency.models import DeadLetter, ProcessedEvent
 from orders.models import Customer
+from tests.faults.conftest import REPORT
+from tests.faults.report import Row
 from tests.idempotency.consumers import handlers
 from tests.idempotency.consumers.test_kombu import publish, remaining
 from tests.services import AMQP_URL, ROOT, database_url, require_broker, require_postgres
@@ -35,6 +39,7 @@ CONSUMER = "tests.faults.plain_consumer"
 EVENTS = 20
 #: (index of the event, kill point): two inside the transaction, two after the commit.
 KILLS = ((3, "inside"), (7, "after-commit"), (12, "inside"), (15, "after-commit"))
+TITLE = "consume_events SIGKILLed inside the transaction and before the ack"
 #: Runs of the consumer at most: one per kill, one that drains the rest, and slack.
 MAX_RUNS = len(KILLS) + 3
 
@@ -46,6 +51,7 @@ class Run:
         self.arguments = arguments
         self.directory = directory
         self.exits: list[int] = []
+        self.started = time.monotonic()
 
     def until_drained(self) -> None:
         env = {**os.environ, "DATABASE_URL": database_url(), "FAULTS_DIR": str(self.directory)}
@@ -106,6 +112,24 @@ def batch() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return events, messages
 
 
+def record(row: Row, sent: int, events: list[dict[str, Any]], run: Run) -> None:
+    """The scenario's line of docs/reliability.md (``make faults``), filled before the checks."""
+    logs = run.logs()
+    counts = [handlers.effects(e["eventId"]) for e in events]
+    row.sent = sent
+    # Every settled message prints its outcome (-v 2); a killed delivery prints nothing.
+    settled = len(
+        re.findall(r"^(?:processed|duplicate|dead-lettered|retry|transient) ", logs, re.M)
+    )
+    row.deliveries = settled + run.exits.count(-signal.SIGKILL)
+    row.discarded = len(re.findall(r"^duplicate ", logs, re.M))
+    row.effects = counts.count(1)
+    row.dead_letters = DeadLetter.objects.count()
+    row.lost = counts.count(0)
+    row.doubled = sum(1 for count in counts if count > 1)
+    row.seconds = time.monotonic() - run.started
+
+
 def verify(events: list[dict[str, Any]], armed: list[str], directory: Path, run: Run) -> None:
     fired = sorted(path.name for path in (directory / "fired").iterdir())
     assert fired == sorted(armed), run.logs()
@@ -137,8 +161,20 @@ def rabbit_queue() -> Iterator[Queue]:
         made.bind(conn.default_channel).delete()
 
 
+@pytest.fixture
+def row(request: pytest.FixtureRequest) -> Callable[[str, str, str], Row]:
+    """``row(number, title, broker)``: a line of the suite's report for this scenario."""
+
+    def make(number: str, title: str, broker: str) -> Row:
+        made = Row(number=number, title=title, broker=broker, nodeid=request.node.nodeid)
+        request.config.stash[REPORT].rows.append(made)
+        return made
+
+    return make
+
+
 def test_kombu_consumer_killed_inside_the_transaction_and_before_the_ack(
-    rabbit_queue: Queue, tmp_path: Path
+    rabbit_queue: Queue, tmp_path: Path, row: Callable[[str, str, str], Row]
 ) -> None:
     directory = tmp_path
     handlers.ensure_customer()
@@ -147,6 +183,7 @@ def test_kombu_consumer_killed_inside_the_transaction_and_before_the_ack(
     publish(AMQP_URL, rabbit_queue, *messages)
     run = Run(["kombu", "--url", AMQP_URL, "--queue", rabbit_queue.name], directory)
     run.until_drained()
+    record(row("21a", TITLE, "rabbitmq"), len(messages), events, run)
     verify(events, armed, directory, run)
     assert remaining(AMQP_URL, rabbit_queue) == 0
 
@@ -165,7 +202,7 @@ def nats_stream() -> Iterator[Any]:
 
 
 def test_jetstream_consumer_killed_inside_the_transaction_and_before_the_ack(
-    nats_stream: Any, tmp_path: Path
+    nats_stream: Any, tmp_path: Path, row: Callable[[str, str, str], Row]
 ) -> None:
     directory = tmp_path
     from tests.idempotency.consumers.test_nats import NATS_URL
@@ -191,5 +228,6 @@ def test_jetstream_consumer_killed_inside_the_transaction_and_before_the_ack(
     ]
     run = Run(arguments, directory)
     run.until_drained()
+    record(row("21b", TITLE, "nats"), len(messages), events, run)
     verify(events, armed, directory, run)
     assert nats_stream.pending() == 0
