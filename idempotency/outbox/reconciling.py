@@ -33,6 +33,7 @@ reconcilers share the work and never republish a row twice; times come from the 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -378,7 +379,7 @@ def _republish(
 
     if not resend:
         return None
-    sent = relaying._publish(resend, None, None)
+    sent = _send(resend)
     if sent.sent:
         # The next check counts from this publish, on the database's clock.
         rows.filter(pk__in=sent.sent).update(published_at=Now(), republished=F("republished") + 1)
@@ -422,6 +423,36 @@ def _republish(
     if sent.outage is not None:
         result.outage = sent.outage[1]
     return sent.interrupted
+
+
+def _send(resend: list[Any]) -> Any:
+    """Publish *resend* on one connection whose every step is bounded by ``PUBLISH_TIMEOUT``.
+
+    The batch's rows stay locked, in an open transaction, until this returns: with Celery's
+    pool and retry policy a broker that accepts and never answers (redis-py has no socket
+    timeout of its own) would hold them, and stall a relay that reconciles, for ever.
+    """
+    from celery import current_app
+
+    from . import relaying
+    from .publish import _bounded_connection, _close_quietly
+
+    step = app_settings.PUBLISH_TIMEOUT.total_seconds()
+    conn = _bounded_connection(step)
+    try:
+        try:
+            conn.ensure_connection(max_retries=0, timeout=step)
+        except Exception as exc:
+            if not relaying.is_outage(exc):
+                raise
+            outcome = relaying._Outcome()
+            outcome.outage = (resend[0], exc)
+            return outcome
+        # One step's time per message, as the publish after commit gives a whole commit.
+        deadline = time.monotonic() + step * (len(resend) + 1)
+        return relaying._publish(resend, current_app.amqp.Producer(conn), deadline)
+    finally:
+        _close_quietly(conn)
 
 
 def close_for_purge(cutoffs: RetentionCutoffs, *, using: str, batch_size: int = 1000) -> int:

@@ -172,3 +172,45 @@ def test_two_reconcilers_at_once_republish_each_row_once(catalogue: Any) -> None
     assert len(ids) == len(set(ids)) == 40
     assert sum(r.republished for r in results) == 40
     assert set(OutboxMessage.objects.values_list("republished", flat=True)) == {1}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("destination", ["rabbitmq", "redis"], indirect=True)
+def test_a_broker_that_never_answers_does_not_hold_the_rows_locked(
+    destination: tuple[str, str],
+) -> None:
+    """A batch's rows are locked until its republishes return: against a listener that accepts
+    and never answers, a Redis publish without a socket timeout never returned (a reconciling
+    relay stalled with them). Each step is bounded by PUBLISH_TIMEOUT now."""
+    from tests.idempotency.outbox.test_brokers import broker_url, silent_listener
+
+    require_postgres()
+    url, name = destination
+    kind = "rabbitmq" if url.startswith("amqp") else "redis"
+    pks = [
+        outbox.enqueue(
+            debit_one,
+            [{"eventId": str(uuid.uuid4())}],
+            event_id="x",
+            options=to(name),
+            publish_on_commit=False,
+        ).pk
+        for _ in range(3)
+    ]
+    backdate(pks, hours=2)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    with silent_listener() as silent, producing_to(broker_url(kind, silent)):
+        start = time.monotonic()
+        thread = in_thread(lambda: results.append(outbox.reconcile()), errors)
+        thread.join(30)
+        took = time.monotonic() - start
+    assert not thread.is_alive(), "the reconcile still held its batch locked after 30 s"
+    assert not errors, errors
+    assert took < 15, f"the reconcile held its batch for {took:.1f}s"
+    assert results[0].outage is not None
+    rows = OutboxMessage.objects.filter(pk__in=pks)
+    assert sorted(rows.values_list("republished", flat=True)) == [0, 0, 0]
+    with producing_to(url):
+        assert outbox.reconcile().republished == 3
+    assert waiting(url, name) == 3
