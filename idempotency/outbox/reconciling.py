@@ -37,11 +37,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Now
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from .. import signals
 from ..clock import database_now
@@ -138,6 +141,11 @@ def consumer_of(message: Any, tasks: Any) -> Consumer | str:
         return f"{message.task_name!r} is not an @idempotent_task: nothing records its outcome"
     if not message.event_id:
         return "it has no event id"
+    options = message.options if isinstance(message.options, dict) else {}
+    if options.get("expires") is not None:
+        # Celery discards it unrun once expired, by the producer's wish: a copy would get a
+        # fresh expiry (a relative one) and run what was meant never to run that late.
+        return "it has an expiry (a message that expired unrun leaves no outcome, by design)"
     if not isinstance(message.args, list) or not message.args:
         return "it has no event argument"
     spec = task.key_spec if task.key_spec is not None else app_settings.KEY
@@ -259,6 +267,28 @@ def reconcile(*, batch_size: int = 100, using: str | None = None) -> Reconciled:
             return result
 
 
+def _runs_at(message: Any) -> datetime:
+    """When *message*'s last publish is due to run: a countdown or an eta holds it back, and
+    no outcome can be expected before; the check's wait counts from then."""
+    options = message.options if isinstance(message.options, dict) else {}
+    start: datetime = message.published_at
+    countdown = options.get("countdown")
+    try:
+        if isinstance(countdown, bool) or not isinstance(countdown, int | float):
+            countdown = 0
+        if countdown > 0:
+            start += timedelta(seconds=countdown)
+        eta = options.get("eta")
+        when = parse_datetime(eta) if isinstance(eta, str) else None
+    except (OverflowError, ValueError):  # past year 9999, or an eta that is no date
+        return datetime.max.replace(tzinfo=dt_timezone.utc)
+    if when is not None:
+        if timezone.is_naive(when):
+            when = timezone.make_aware(when, timezone.get_default_timezone())
+        start = max(start, when)
+    return start
+
+
 def _reconcile_batch(
     batch: list[Any],
     rows: Any,
@@ -269,7 +299,7 @@ def _reconcile_batch(
     result: Reconciled,
 ) -> BaseException | None:
     """Decide and write the fate of one locked batch; an interrupt to raise after it, if any."""
-    due = [m for m in batch if m.published_at <= now - backoff(m.republished, after)]
+    due = [m for m in batch if _runs_at(m) <= now - backoff(m.republished, after)]
     result.waiting += len(batch) - len(due)
     result.checked += len(due)
     if not due:

@@ -269,6 +269,48 @@ def test_a_key_function_that_is_not_deterministic_is_never_republished(
     assert "its key is not the same twice" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"countdown": 5 * 3600}, {"eta": "__eta__"}],
+    ids=["countdown", "eta"],
+)
+def test_a_message_held_back_is_checked_from_when_it_is_due_to_run(
+    broker: mock.Mock, options: dict[str, Any]
+) -> None:
+    """Published two hours ago to run in five: no outcome can be there yet."""
+    message = published()
+    if options.get("eta"):
+        options = {"eta": (message.published_at + 5 * HOUR).isoformat()}
+    OutboxMessage.objects.filter(pk=message.pk).update(options=options)
+    result = outbox.reconcile()
+    assert (result.waiting, result.republished) == (1, 0)
+    assert not broker.called
+    OutboxMessage.objects.filter(pk=message.pk).update(published_at=Now() - 7 * HOUR)
+    if options.get("eta"):  # an absolute time does not move with the publish
+        OutboxMessage.objects.filter(pk=message.pk).update(
+            options={"eta": (database_now("default") - 2 * HOUR).isoformat()}
+        )
+    assert outbox.reconcile().republished == 1
+
+
+@pytest.mark.parametrize("countdown", [10**30, -5, "soon", True])
+def test_a_countdown_of_any_value_never_breaks_the_run(broker: mock.Mock, countdown: Any) -> None:
+    message = published()
+    OutboxMessage.objects.filter(pk=message.pk).update(options={"countdown": countdown})
+    result = outbox.reconcile()
+    assert result.checked + result.waiting == 1
+
+
+def test_a_message_with_an_expiry_is_never_republished(broker: mock.Mock) -> None:
+    """It may have expired unrun, as its producer asked; a copy with a relative expiry would
+    run it hours late."""
+    message = published()
+    OutboxMessage.objects.filter(pk=message.pk).update(options={"expires": 60})
+    result = outbox.reconcile()
+    assert (result.unverifiable, result.republished) == (1, 0)
+    assert not broker.called
+
+
 def test_the_project_tasks_are_found_in_a_process_that_never_imported_them() -> None:
     """A relay process imports no task module; the reconciler imports them as a worker does."""
     from celery import current_app
