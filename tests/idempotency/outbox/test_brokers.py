@@ -50,11 +50,19 @@ def producing_to(url: str) -> Iterator[None]:
 
     # The project's settings reach Celery under their CELERY_ names, which win over the plain
     # ones: the transport options must be replaced under that name.
-    keys = ("broker_write_url", "CELERY_BROKER_TRANSPORT_OPTIONS")
+    # On the embedded defaults the settings also name the filesystem transport, which would
+    # win over the scheme of *url*.
+    keys = ("broker_write_url", "CELERY_BROKER_TRANSPORT_OPTIONS", "CELERY_BROKER_TRANSPORT")
     saved = {key: current_app.conf.get(key) for key in keys}
     reset()
     options = {"confirm_publish": True} if url.startswith("amqp") else {}
-    current_app.conf.update({"broker_write_url": url, "CELERY_BROKER_TRANSPORT_OPTIONS": options})
+    current_app.conf.update(
+        {
+            "broker_write_url": url,
+            "CELERY_BROKER_TRANSPORT_OPTIONS": options,
+            "CELERY_BROKER_TRANSPORT": None,
+        }
+    )
     assert current_app.conf.broker_transport_options == options
     try:
         yield
