@@ -168,7 +168,10 @@ def test_the_pytest_entry_point_names_the_plugin_module() -> None:
     """What an installed package registers: the module with both fixtures, under its own name."""
     import importlib
 
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader
+        import tomli as tomllib
 
     entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
     ((name, target),) = entry_points["pytest11"].items()
