@@ -164,7 +164,8 @@ def plot(claim: dict[str, Any], e2e: list[list[Any]], path: Path) -> None:
     brokers = list(dict.fromkeys(row[0] for row in e2e))
     labels = [f"{b} {k}" for b in brokers for k in ("unguarded", "guarded")]
     for i, p in enumerate((1, 2)):
-        values = [rates[(b, k, p)] for b in brokers for k in ("unguarded", "guarded")]
+        # (a smoke run measures some brokers with two processes only)
+        values = [rates.get((b, k, p), 0.0) for b in brokers for k in ("unguarded", "guarded")]
         right.barh(
             [y + i * width for y in range(len(labels))], values, width, label=f"{p} process(es)"
         )
