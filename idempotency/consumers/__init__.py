@@ -17,9 +17,9 @@ The adapters are loaded on first use, so the core needs neither kombu nor nats-p
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..faces import lazy_names
 from .processing import Decision, Delivery, EventConsumer, Outcome
 from .publishing import derived_event_id
 
@@ -40,13 +40,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module = _ADAPTERS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    return getattr(import_module(module, __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_ADAPTERS})
+__getattr__, __dir__ = lazy_names(__name__, _ADAPTERS)

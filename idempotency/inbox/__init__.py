@@ -16,8 +16,9 @@ The names below are loaded on first use: ``idempotency.models`` imports
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..faces import lazy_names
 
 if TYPE_CHECKING:
     from .claiming import claim, current_claim, idempotent, inbox_database, reject
@@ -34,13 +35,4 @@ _PUBLIC = {
 __all__ = ["claim", "current_claim", "idempotent", "inbox_database", "reject"]
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module = _PUBLIC[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    return getattr(import_module(module, __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC})
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC)

@@ -197,6 +197,7 @@ SHARED = (
     "entities",
     "exceptions",
     "extras",
+    "faces",
     "fingerprint",
     "keys",
     "metrics",
