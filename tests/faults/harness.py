@@ -269,13 +269,21 @@ def producing_to(url: str, connect_timeout: float = 1) -> Iterator[None]:
             current_app._pool = None
         current_app.amqp._producer_pool = None
 
-    keys = ("broker_write_url", "broker_transport_options", "broker_connection_timeout")
+    # On the embedded defaults the settings also name the filesystem transport (under its
+    # CELERY_ name, which wins), and it would win over the scheme of *url*.
+    keys = (
+        "broker_write_url",
+        "broker_transport_options",
+        "broker_connection_timeout",
+        "CELERY_BROKER_TRANSPORT",
+    )
     saved = {key: current_app.conf.get(key) for key in keys}
     reset()
     current_app.conf.update(
         broker_write_url=url,
         broker_transport_options={},
         broker_connection_timeout=connect_timeout,
+        CELERY_BROKER_TRANSPORT=None,
     )
     try:
         yield
@@ -736,6 +744,11 @@ class Scenario:
         self.stop_workers()
         problems = []
         state = self.broker.queue_state(self.queue)
+        # RabbitMQ drops a stopped worker's consumer a moment after its connection closes.
+        deadline = time.monotonic() + 10
+        while state.consumers and time.monotonic() < deadline:
+            time.sleep(0.5)
+            state = self.broker.queue_state(self.queue)
         if not state.empty or state.consumers:
             problems.append(f"the broker still holds for {self.queue}: {state}")
         if isinstance(self.broker, RabbitMQ):
