@@ -63,7 +63,10 @@ clean:
 	rm -rf $(VENV) var dist .nox .pytest_cache .mypy_cache .ruff_cache
 
 # The purge benchmark needs PostgreSQL; it fills and empties the inbox of the database it is given.
-BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/idempotency_bench
+# A DATABASE_URL naming a database whose name ends in _bench is used as it is (the benchmarks
+# drop and create it afresh, so they never touch another). BENCH_AMQP_URL and BENCH_REDIS_URL
+# name the brokers (bench/celery_e2e.py).
+BENCH_DATABASE_URL ?= $(if $(filter %_bench,$(DATABASE_URL)),$(DATABASE_URL),postgres://postgres@127.0.0.1:5432/idempotency_bench)
 
 .PHONY: bench
 bench: $(STAMP)  ## every benchmark (under 10 minutes): docs/benchmarks.md and .png; ARGS=--quick for a smoke run

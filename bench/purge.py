@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -24,12 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-os.environ.setdefault("IDEMPOTENCY_LOG_LEVEL", "WARNING")
+from bench import runtime
 
-import django
-
-django.setup()
+runtime.setup()  # bench/settings.py: DEBUG off, the library's defaults
 
 from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
@@ -274,6 +270,7 @@ def main() -> None:
     parser.add_argument("--claim-rate", type=float, default=500.0, help="claims/s (default 500)")
     parser.add_argument("--no-reference", action="store_true", help="skip the other strategies")
     parser.add_argument("--explain", action="store_true", help="print one batch's plan")
+    runtime.add_arguments(parser)
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
