@@ -1,10 +1,18 @@
 """``make bench``: every benchmark in one run on PostgreSQL, written to docs/benchmarks.md.
 
-    python -m bench            # the full run (under 10 minutes): docs/benchmarks.md and .png
-    python -m bench --quick    # a smoke run (about a minute), written under var/bench/
+    python -m bench            # the full run: docs/benchmarks.md and .png
+    python -m bench --quick    # a smoke run (about two minutes), written under var/bench/
 
 DATABASE_URL names the benchmark database (default postgres://postgres@127.0.0.1:5432/
 idempotency_bench); it is dropped and created afresh, so its name must end in ``_bench``.
+BENCH_AMQP_URL and BENCH_REDIS_URL name the brokers (bench/celery_e2e.py).
+
+Every module runs on bench/settings.py: DEBUG off and the library's defaults, unless
+``--debug`` or ``--idempotency KEY=JSON`` say otherwise (bench/runtime.py). The report's header
+shows the settings each measuring process read back from itself.
+
+The report is a list of :class:`Section`: each runs one module (``python -m bench.<name>``)
+and renders its part; a new benchmark adds a ``Section`` to :data:`SECTIONS`.
 """
 
 from __future__ import annotations
@@ -17,10 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bench import runtime
 from bench.database import bench_url, recreate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +41,29 @@ TARGETS = {
     "guarded_vs_unguarded": 0.9,
     "guarded_vs_direct": 0.8,
 }
+
+
+@dataclass
+class Result:
+    """What a section's module produced: its stdout, and its ``--json`` file (or None)."""
+
+    stdout: str
+    data: Any = None
+
+
+@dataclass
+class Section:
+    """One module's part of the report, run as ``python -m <module> [--quick] [--json F]``."""
+
+    key: str
+    title: str
+    module: str
+    #: Arguments besides --quick and --json.
+    args: list[str] = field(default_factory=list)
+    #: Whether the module writes ``--json``.
+    json: bool = True
+    #: The section's lines (its title excluded); by default the module's stdout.
+    render: Callable[[Result], list[str]] = lambda result: [result.stdout.strip()]
 
 
 def run(module: str, args: list[str], env: dict[str, str]) -> str:
@@ -49,15 +83,17 @@ def run(module: str, args: list[str], env: dict[str, str]) -> str:
 
 
 def versions(env: dict[str, str]) -> dict[str, str]:
+    amqp_url = env.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    redis_url = env.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
     code = (
         "import django, celery, kombu, psycopg, redis, json;"
         "from django.db import connection;"
         "from kombu import Connection;"
         "c = connection.cursor(); c.execute('show server_version');"
         "pg = c.fetchone()[0];"
-        "amqp = Connection('amqp://guest:guest@127.0.0.1:5672//'); amqp.connect();"
+        f"amqp = Connection({amqp_url!r}); amqp.connect();"
         "rabbit = amqp.connection.server_properties.get('version', '?'); amqp.release();"
-        "r = redis.Redis.from_url('redis://127.0.0.1:6379/0').info()['redis_version'];"
+        f"r = redis.Redis.from_url({redis_url!r}).info()['redis_version'];"
         "from importlib.metadata import version;"
         "print(json.dumps({'Django': django.get_version(), 'Celery': celery.__version__,"
         "'moto (the SQS emulator)': version('moto'),"
@@ -76,72 +112,225 @@ def versions(env: dict[str, str]) -> dict[str, str]:
 
 
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
-    return f"{os.cpu_count()} cores ({cpu}), {memory} GiB, {platform.system()} {platform.release()}"
+    return (
+        f"{os.cpu_count()} cores ({runtime.cpu_model()}), {memory} GiB, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
-def median_of(rows: list[list[Any]], name: str, processes: int) -> float:
-    return statistics.median(next(r[2] for r in rows if r[0] == name and r[1] == processes))
+def pair_ratios(claim: dict[str, Any], label: str, processes: int) -> list[float]:
+    return next(r for name, p, r in claim["pairs"] if name == label and p == processes)
 
 
-def summary(claim: dict[str, Any], e2e: list[list[Any]]) -> list[str]:
-    """The targets, each with the figure measured in this run."""
-    lines = ["| target | measured | met |", "|---|---:|:---:|"]
+def e2e_ratios(e2e: dict[str, Any], broker: str, processes: int) -> list[float] | None:
+    return next((r for b, p, r in e2e["pairs"] if b == broker and p == processes), None)
 
-    def add(what: str, value: float, target: float, unit: str = "x") -> None:
+
+def median_rate(rows: list[list[Any]], *key: Any) -> float:
+    return statistics.median(next(row[-1] for row in rows if tuple(row[:-1]) == key))
+
+
+def measured_with(claim: dict[str, Any], e2e: dict[str, Any]) -> list[str]:
+    """The settings that matter, as each measuring process read them back from itself."""
+    columns = {"bench.claim (its parent process)": claim["settings"]}
+    for role, described in sorted(e2e.get("settings", {}).items()):
+        columns[f"Celery worker, {'a pool child' if role == 'child' else 'main process'}"] = (
+            described
+        )
+    keys = list(dict.fromkeys(k for described in columns.values() for k in described))
+    lines = [f"| setting | {' | '.join(columns)} |", "|---|" + "---|" * len(columns)]
+    for key in keys:
+        values = " | ".join(str(described.get(key, "")) for described in columns.values())
+        lines.append(f"| {key} | {values} |")
+    overrides = claim.get("overrides") or {}
+    for name, settings in overrides.items():
+        lines.append("")
+        lines.append(f'The row "{name}" runs with {json.dumps(settings)} in its own processes.')
+    return lines
+
+
+def summary(claim: dict[str, Any], e2e: dict[str, Any]) -> list[str]:
+    """The targets, each with the median (and min-max) of the ratios measured in this run."""
+    lines = ["| target | median | min-max | met |", "|---|---:|---:|:---:|"]
+
+    def add(what: str, values: list[float], target: float | None) -> None:
+        value = statistics.median(values)
+        met = "-" if target is None else ("yes" if value >= target else "no")
+        goal = "" if target is None else f" >= {target:g}x"
         lines.append(
-            f"| {what} >= {target:g}{unit} | {value:.2f}{unit} | "
-            f"{'yes' if value >= target else 'no'} |"
+            f"| {what}{goal} | {value:.2f}x | {min(values):.2f}-{max(values):.2f}x | {met} |"
         )
 
     for p in (1, 2):
-        ours = median_of(claim["ratios"], "ours", p)
-        add(f"ours first-time / bare, {p} process(es)", ours, TARGETS["ours"])
-        dup = median_of(claim["rates"], "ours, duplicate discarded", p)
-        first = median_of(claim["rates"], "ours", p)
-        add(f"duplicate discard / first-time, {p} process(es)", dup / first, TARGETS["duplicate"])
-    rates = {(b, k, p): statistics.median(r) for b, k, p, r in e2e}
-    for broker in ("rabbitmq", "redis"):
+        add(f"ours first-time / bare, {p} process(es)", pair_ratios(claim, "ours / bare", p),
+            TARGETS["ours"])  # fmt: skip
+        add(f"(the floor: raw INSERT / bare, {p} process(es))",
+            pair_ratios(claim, "floor / bare", p), None)  # fmt: skip
+        add(f"(ours / the floor, {p} process(es))", pair_ratios(claim, "ours / floor", p), None)
+        add(f"duplicate discard / first-time, {p} process(es)",
+            pair_ratios(claim, "duplicate / first-time", p), TARGETS["duplicate"])  # fmt: skip
+    for broker in ("rabbitmq", "redis", "embedded", "sqs"):
         for p in (1, 2):
-            guarded, unguarded = rates[(broker, "guarded", p)], rates[(broker, "unguarded", p)]
-            add(
-                f"{broker}: guarded / unguarded task, {p} process(es)",
-                guarded / unguarded,
-                TARGETS["guarded_vs_unguarded"],
-            )
-            direct = median_of(claim["rates"], "ours", p)
+            ratios = e2e_ratios(e2e, broker, p)
+            if ratios is None:
+                continue
+            # The targets are set for RabbitMQ and Redis; the others are shown for reference.
+            target = TARGETS["guarded_vs_unguarded"] if broker in ("rabbitmq", "redis") else None
+            add(f"{broker}: guarded / unguarded task, {p} process(es)", ratios, target)
+            if broker not in ("rabbitmq", "redis"):
+                continue
+            # Rates of different runs: the claim's and the worker's are not measured in pairs.
+            guarded = median_rate(e2e["rates"], broker, "guarded", p)
+            direct = median_rate(claim["rates"], "ours", p)
             add(
                 f"{broker}: guarded task / the same transaction run directly, {p} process(es)",
-                guarded / direct,
+                [guarded / direct],
                 TARGETS["guarded_vs_direct"],
             )
     return lines
 
 
-def e2e_table(e2e: list[list[Any]]) -> list[str]:
-    rates = {(b, k, p): r for b, k, p, r in e2e}
+def e2e_table(e2e: dict[str, Any]) -> list[str]:
     lines = [
-        "| broker | processes | task | tasks/s median | min-max | guarded / unguarded |",
-        "|---|---:|---|---:|---:|---:|",
+        "| broker | processes | task | tasks/s median | min-max | guarded / unguarded: "
+        "median of the pairs | min-max |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for (broker, kind, p), r in sorted(rates.items()):
-        ratio = statistics.median(r) / statistics.median(rates[(broker, "unguarded", p)])
+    for broker, kind, p, r in e2e["rates"]:
+        ratio = spread = ""
+        if kind == "guarded":
+            pairs = e2e_ratios(e2e, broker, p) or []
+            ratio = f"{statistics.median(pairs):.2f}x"
+            spread = f"{min(pairs):.2f}-{max(pairs):.2f}"
         lines.append(
             f"| {broker} | {p} | {kind} | {statistics.median(r):,.0f} | "
-            f"{min(r):,.0f}-{max(r):,.0f} | {ratio:.2f}x |"
+            f"{min(r):,.0f}-{max(r):,.0f} | {ratio} | {spread} |"
         )
     return lines
 
 
-def plot(claim: dict[str, Any], e2e: list[list[Any]], path: Path) -> None:
+def e2e_section(result: Result) -> list[str]:
+    from bench import workerprofile
+
+    e2e = result.data
+    lines = [
+        f"{e2e['tasks']} tasks per run (the embedded and SQS brokers fewer); the guarded and the "
+        "unguarded task run in pairs, one right after the other in alternating order, and each "
+        "ratio is taken within its pair.",
+        "",
+        *e2e_table(e2e),
+        "",
+        "The `embedded` rows are the example's embedded default broker (kombu's filesystem "
+        "transport with the example's prompt acknowledgement, project/embedded_broker.py) in "
+        "front of the same PostgreSQL; the `sqs` rows run through moto's SQS emulator on the "
+        "same machine (or `BENCH_SQS_URL`): they measure the example's SQS path with the "
+        "emulator's speed, not Amazon SQS's.",
+    ]
+    for broker, runs in e2e.get("profiles", {}).items():
+        rates = ", ".join(f"{kind} {run['rate']:,.0f} tasks/s" for kind, run in runs.items())
+        lines += [
+            "",
+            f"### Where a task's time goes: {broker}, one pool process, under cProfile",
+            "",
+            f"One run of each task with cProfile in the pool child and the worker's main "
+            f"process ({rates}; cProfile slows Python code down, so compare the rows, not the "
+            "rates). The guard's row is what the guarded task adds; the rows around it are "
+            "the worker's own per-task cost, the same for both tasks.",
+            "",
+            *workerprofile.table(runs),
+        ]
+    return lines
+
+
+def claim_section(result: Result) -> list[str]:
+    return [result.stdout.strip()]
+
+
+SECTIONS: list[Section] = [
+    Section(
+        "claim", "The claim against a bare transaction, the floor and the alternatives",
+        "bench.claim", render=claim_section,
+    ),
+    Section(
+        "e2e", "Celery end to end", "bench.celery_e2e",
+        args=["--profile", "rabbitmq", "--profile", "redis"], render=e2e_section,
+    ),
+    # The reference strategies (one DELETE, pk IN (...)) are for `make bench-purge`: they would
+    # take this run past its time.
+    Section("purge", "Purge", "bench.purge", args=["--no-reference"], json=False),
+]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run, written under var/bench/"
+    )
+    runtime.add_arguments(parser)
+    args = parser.parse_args()
+    # --debug and --idempotency become environment variables every module inherits.
+    runtime.export(sys.argv[1:])
+    quick = ["--quick"] if args.quick else []
+    out_dir = ROOT / ("var/bench" if args.quick else "docs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = ROOT / "var" / "bench"
+    scratch.mkdir(parents=True, exist_ok=True)
+    url = bench_url()
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "DJANGO_SETTINGS_MODULE": runtime.SETTINGS_MODULE,
+        "IDEMPOTENCY_LOG_LEVEL": "WARNING",
+    }
+    started = time.monotonic()
+    recreate(url)
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    results: dict[str, Result] = {}
+    timings: dict[str, float] = {}
+    for section in SECTIONS:
+        path = scratch / f"{section.key}.json"
+        extra = ["--json", str(path)] if section.json else []
+        begun = time.monotonic()
+        stdout = run(section.module, [*quick, *section.args, *extra], env)
+        timings[section.key] = time.monotonic() - begun
+        data = json.loads(path.read_text()) if section.json else None
+        results[section.key] = Result(stdout, data)
+    elapsed = time.monotonic() - started
+    claim, e2e = results["claim"].data, results["e2e"].data
+
+    report = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench{' ARGS=--quick' if args.quick else ''}` on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {elapsed / 60:.1f} minutes ("
+        + ", ".join(f"{key} {seconds / 60:.1f}" for key, seconds in timings.items())
+        + ").",
+        f"Machine: {machine()}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions(env).items()) + ".",
+        "Each rate is the median (and range) over the rounds; each ratio is taken between two "
+        "approaches measured one right after the other, and reported as the median (and range) "
+        "of those pairs. The machine is shared, so compare the ratios rather than the rates.",
+        "",
+        "## Measured with",
+        "",
+        *measured_with(claim, e2e),
+        "",
+        "## Targets",
+        "",
+        *summary(claim, e2e),
+    ]
+    for section in SECTIONS:
+        report += ["", f"## {section.title}", "", *section.render(results[section.key])]
+    report += ["", "![throughput per approach](benchmarks.png)", ""]
+    (out_dir / "benchmarks.md").write_text("\n".join(report))
+    plot(claim, e2e, out_dir / "benchmarks.png")
+    print(f"wrote {out_dir / 'benchmarks.md'} and {out_dir / 'benchmarks.png'}", file=sys.stderr)
+
+
+def plot(claim: dict[str, Any], e2e: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +340,7 @@ def plot(claim: dict[str, Any], e2e: list[list[Any]], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.38
     for i, p in enumerate((1, 2)):
-        values = [median_of(claim["rates"], n, p) for n in names]
+        values = [median_rate(claim["rates"], n, p) for n in names]
         left.barh(
             [y + i * width for y in range(len(names))], values, width, label=f"{p} process(es)"
         )
@@ -160,8 +349,8 @@ def plot(claim: dict[str, Any], e2e: list[list[Any]], path: Path) -> None:
     left.set_xlabel("events/s (median)")
     left.set_title("The PlaceOrder transaction on PostgreSQL")
     left.legend()
-    rates = {(b, k, p): statistics.median(r) for b, k, p, r in e2e}
-    brokers = list(dict.fromkeys(row[0] for row in e2e))
+    rates = {(b, k, p): statistics.median(r) for b, k, p, r in e2e["rates"]}
+    brokers = list(dict.fromkeys(row[0] for row in e2e["rates"]))
     labels = [f"{b} {k}" for b in brokers for k in ("unguarded", "guarded")]
     for i, p in enumerate((1, 2)):
         # (a smoke run measures some brokers with two processes only)
@@ -176,76 +365,6 @@ def plot(claim: dict[str, Any], e2e: list[list[Any]], path: Path) -> None:
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke run, written under var/bench/"
-    )
-    args = parser.parse_args()
-    quick = ["--quick"] if args.quick else []
-    out_dir = ROOT / ("var/bench" if args.quick else "docs")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = ROOT / "var" / "bench"
-    scratch.mkdir(parents=True, exist_ok=True)
-    url = bench_url()
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "IDEMPOTENCY_RECORD_DUPLICATES": "0",  # the library's default: a duplicate writes nothing
-        "IDEMPOTENCY_LOG_LEVEL": "WARNING",
-    }
-    started = time.monotonic()
-    recreate(url)
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-    claim_table = run("bench.claim", [*quick, "--json", str(scratch / "claim.json")], env)
-    e2e_text = run("bench.celery_e2e", [*quick, "--json", str(scratch / "e2e.json")], env)
-    # The reference strategies (one DELETE, pk IN (...)) are for `make bench-purge`: they would
-    # take this run past its ten minutes.
-    purge_table = run("bench.purge", [*quick, "--no-reference"], env)
-    claim = json.loads((scratch / "claim.json").read_text())
-    e2e = json.loads((scratch / "e2e.json").read_text())
-    elapsed = time.monotonic() - started
-    del e2e_text  # the report formats its own table, with ratios
-
-    report = [
-        "# Benchmarks",
-        "",
-        f"Generated by `make bench{' ARGS=--quick' if args.quick else ''}` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {elapsed / 60:.1f} minutes.",
-        f"Machine: {machine()}.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions(env).items()) + ".",
-        "Each figure is the median (and range) over the runs; each ratio is taken within the same "
-        "run. The machine is shared, so compare the ratios rather than the absolute rates.",
-        "",
-        "## Targets",
-        "",
-        *summary(claim, e2e),
-        "",
-        "## The claim against a bare transaction and the alternatives",
-        "",
-        claim_table.strip(),
-        "",
-        "## Celery end to end",
-        "",
-        *e2e_table(e2e),
-        "",
-        "The `sqs` rows run through moto's SQS emulator on the same machine (or `BENCH_SQS_URL`):",
-        "they measure the example's SQS path with the emulator's speed, not Amazon SQS's.",
-        "",
-        "## Purge",
-        "",
-        purge_table.strip(),
-        "",
-        "![throughput per approach](benchmarks.png)",
-        "",
-    ]
-    (out_dir / "benchmarks.md").write_text("\n".join(report))
-    plot(claim, e2e, out_dir / "benchmarks.png")
-    print(f"wrote {out_dir / 'benchmarks.md'} and {out_dir / 'benchmarks.png'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

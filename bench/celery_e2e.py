@@ -3,7 +3,15 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/idempotency_bench python -m bench.celery_e2e
 
 The queue is filled first, then a worker with P pool processes drains it; the rate is taken from
-the orders' own timestamps (first to last), so worker start-up does not count.
+the orders' own timestamps (first to last), so worker start-up does not count. The guarded and
+the unguarded task run in pairs, one right after the other in alternating order, and each ratio
+(guarded / unguarded) is taken within its pair; the report gives the median and min-max of the
+pairs' ratios. The workers run on bench/settings.py (DEBUG off, the library's defaults), as
+this process does, and each reports the settings it ran with.
+
+``--profile`` adds a run of each task on one pool process under cProfile, in the pool child and
+in the worker's main process (bench/tasks.py), and prints where a task's time goes
+(bench/workerprofile.py).
 
 SQS runs against ``BENCH_SQS_URL`` or, without it, a ``moto_server`` (an emulator of the SQS API,
 ``requirements/dev.txt``) started on a free loopback port for the run: that row measures the
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -27,17 +36,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-os.environ.setdefault("IDEMPOTENCY_LOG_LEVEL", "WARNING")
+from bench import runtime
 
-import django
-
-django.setup()
+runtime.setup()
 
 from django.db import connection  # noqa: E402
 from django.db.models import Max, Min  # noqa: E402
 from kombu import Connection  # noqa: E402
 
+from bench import workerprofile  # noqa: E402
 from bench.claim import write_json  # noqa: E402
 from bench.tasks import guarded, unguarded  # noqa: E402
 from orders.models import Customer, Order, Product  # noqa: E402
@@ -127,7 +134,13 @@ def local_sqs() -> Iterator[str]:
         server.wait(30)
 
 
-def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
+#: What the workers of the last run reported about themselves: ``{"main": [...], "child": [...]}``.
+reports: dict[str, list[dict[str, Any]]] = {}
+
+
+def run_once(
+    broker: str, kind: str, processes: int, tasks: int, profile: Path | None = None
+) -> float:
     pairs, customer = reset()
     queue_name = f"bench-{uuid.uuid4().hex[:10]}"
     queue = work_queue(queue_name)
@@ -171,6 +184,8 @@ def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
         "CELERY_SKIP_CHECKS": "1",
         "IDEMPOTENCY_LOG_LEVEL": "WARNING",
         "VAR_DIR": str(var_dir),
+        "BENCH_WORKER_DIR": str(profile or var_dir / "worker"),
+        "BENCH_PROFILE": "1" if profile else "0",
     }
     command = [
         sys.executable, "-m", "celery", "-A", "project", "worker", "--loglevel=WARNING",
@@ -193,36 +208,65 @@ def run_once(broker: str, kind: str, processes: int, tasks: int) -> float:
     with Connection(url, **connect) as conn:
         for q in (queue, dead_letter_queue(queue_name)):
             q.bind(conn.default_channel).delete()
+    reports.clear()
+    for path in sorted(Path(env["BENCH_WORKER_DIR"]).glob("*.json")):
+        report = json.loads(path.read_text())
+        reports.setdefault(report["role"], []).append(report)
     shutil.rmtree(var_dir, ignore_errors=True)
     span = Order.objects.aggregate(first=Min("created_at"), last=Max("created_at"))
     return (tasks - 1) / (span["last"] - span["first"]).total_seconds()
 
 
 def measure(
-    runs: int, tasks: int, processes: tuple[int, ...], brokers: list[str], quick: bool = False
-) -> dict[tuple[str, str, int], list[float]]:
+    pairs: int, tasks: int, processes: tuple[int, ...], brokers: list[str], quick: bool = False
+) -> tuple[dict[tuple[str, str, int], list[float]], dict[tuple[str, int], list[float]]]:
+    """Rates per (broker, task, processes), and guarded / unguarded per pair of runs."""
     results: dict[tuple[str, str, int], list[float]] = {}
-    for run in range(runs):
-        for broker in brokers:
-            # A smoke run starts a worker per cell: the slow development and emulated brokers
-            # get one cell each (two processes), which exercises them all the same.
-            cells = (processes[-1],) if quick and broker in ("embedded", "sqs") else processes
-            for p in cells:
-                for kind in TASKS if run % 2 == 0 else reversed(TASKS):
-                    # The embedded broker is a development one, some 20 times slower: fewer
-                    # tasks keep `make bench` within its ten minutes, and still give a rate.
-                    n = min(tasks, EMBEDDED_TASKS) if broker == "embedded" else tasks
-                    if quick and broker == "sqs":
-                        n = min(tasks, QUICK_SQS_TASKS)
-                    rate = run_once(broker, kind, p, n)
-                    results.setdefault((broker, kind, p), []).append(rate)
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for broker in brokers:
+        # A smoke run starts a worker per cell: the slow development and emulated brokers
+        # get one cell each (two processes), which exercises them all the same.
+        slow = broker in ("embedded", "sqs")
+        cells = (processes[-1],) if quick and slow else processes
+        for p in cells:
+            # The embedded broker is a development one, some 10 times slower, and the emulated
+            # SQS too: fewer tasks and pairs keep `make bench` within its time, and still give
+            # a rate.
+            n = min(tasks, EMBEDDED_TASKS) if broker == "embedded" else tasks
+            if quick and broker == "sqs":
+                n = min(tasks, QUICK_SQS_TASKS)
+            for pair in range(max(1, pairs // 2) if slow else pairs):
+                rates: dict[str, float] = {}
+                for kind in TASKS if pair % 2 == 0 else reversed(TASKS):
+                    rates[kind] = run_once(broker, kind, p, n)
+                    results.setdefault((broker, kind, p), []).append(rates[kind])
                     print(
-                        f"run {run + 1}/{runs}  {broker:<8} {p} proc  {kind:<9} "
-                        f"{rate:7.1f} tasks/s",
+                        f"pair {pair + 1}  {broker:<8} {p} proc  {kind:<9} "
+                        f"{rates[kind]:7.1f} tasks/s",
                         file=sys.stderr,
                         flush=True,
                     )
-    return results
+                ratios.setdefault((broker, p), []).append(rates["guarded"] / rates["unguarded"])
+    return results, ratios
+
+
+def profile(brokers: list[str], tasks: int) -> dict[str, Any]:
+    """Each task once on one pool process under cProfile, per broker: where its time goes."""
+    profiles: dict[str, Any] = {}
+    for broker in brokers:
+        runs: dict[str, Any] = {}
+        for kind in TASKS:
+            directory = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+            rate = run_once(broker, kind, 1, tasks, profile=directory)
+            runs[kind] = {"rate": rate, **workerprofile.analyse(directory)}
+            shutil.rmtree(directory, ignore_errors=True)
+            print(
+                f"profiled {broker:<8} 1 proc  {kind:<9} {rate:7.1f} tasks/s (under cProfile)",
+                file=sys.stderr,
+                flush=True,
+            )
+        profiles[broker] = runs
+    return profiles
 
 
 def main() -> None:
@@ -230,12 +274,23 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run")
-    parser.add_argument("--tasks", type=int, help="tasks per run (default 1000; quick 100)")
-    parser.add_argument("--runs", type=int, help="runs per cell (default 3; quick 1)")
+    parser.add_argument("--tasks", type=int, help="tasks per run (default 500; quick 100)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        help="pairs of runs per cell (default 5, half for embedded and sqs; quick 2)",
+    )
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument(
         "--broker", action="append", choices=list(BROKERS), help="only this broker (repeatable)"
     )
+    parser.add_argument(
+        "--profile",
+        action="append",
+        choices=list(BROKERS),
+        help="also profile a worker of this broker (repeatable)",
+    )
+    runtime.add_arguments(parser)
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
@@ -243,20 +298,37 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         if "sqs" in brokers and not BROKERS["sqs"]:
             BROKERS["sqs"] = stack.enter_context(local_sqs())
-        results = measure(
-            args.runs or (1 if args.quick else 3),
-            args.tasks or (100 if args.quick else 1000),
-            (1, 2),
-            brokers,
-            quick=args.quick,
+        tasks = args.tasks or (100 if args.quick else 500)
+        results, ratios = measure(
+            args.pairs or (2 if args.quick else 5), tasks, (1, 2), brokers, quick=args.quick
         )
+        measured_with = {role: found[0]["settings"] for role, found in reports.items()}
+        profiles = profile(args.profile or [], tasks)
     if args.json:
-        write_json(args.json, [[b, k, p, rates] for (b, k, p), rates in results.items()])
-    print("| broker | processes | task | tasks/s median | min-max |")
-    print("|---|---:|---|---:|---:|")
+        write_json(
+            args.json,
+            {
+                "tasks": tasks,
+                "settings": measured_with,
+                "rates": [[b, k, p, rates] for (b, k, p), rates in results.items()],
+                "pairs": [[b, p, r] for (b, p), r in ratios.items()],
+                "profiles": profiles,
+            },
+        )
+    print("| broker | processes | task | tasks/s median | min-max | guarded / unguarded |")
+    print("|---|---:|---|---:|---:|---:|")
     for (broker, kind, p), rates in results.items():
         median, low, high = statistics.median(rates), min(rates), max(rates)
-        print(f"| {broker} | {p} | {kind} | {median:,.0f} | {low:,.0f}-{high:,.0f} |")
+        r = ratios[(broker, p)]
+        ratio = ""
+        if kind == "guarded":
+            ratio = f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+        print(f"| {broker} | {p} | {kind} | {median:,.0f} | {low:,.0f}-{high:,.0f} | {ratio} |")
+    for broker, runs in profiles.items():
+        print()
+        print(f"Where a task's time goes, {broker}, 1 pool process, under cProfile:")
+        print()
+        print("\n".join(workerprofile.table(runs)))
 
 
 if __name__ == "__main__":
