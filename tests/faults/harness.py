@@ -51,6 +51,7 @@ TASKS: dict[str, Any] = {
         order_tasks.payment_received,
         order_tasks.debit_account,
         order_tasks.ship_order,
+        order_tasks.send_order_confirmation,
         consumers.audit_event,
     )
 }
@@ -616,9 +617,17 @@ class Scenario:
 
     def arm(self, event_id: str, point: str, action: str = "pause") -> None:
         """Arm a fault for the first delivery of *event_id* to reach *point*."""
-        assert point in ("popped", "handler", "before-commit", "after-commit"), point
+        assert point in (
+            "popped",
+            "handler",
+            "before-commit",
+            "after-commit",
+            "before-publish",
+        ), point
         assert action in ("pause", "kill"), action
-        assert point != "popped" or action == "kill", "a popped message can only be killed"
+        assert point not in ("popped", "before-publish") or action == "kill", (
+            f"a fault at {point} can only kill"
+        )
         self._fault("plan", event_id, point).write_text(action)
 
     def paused(self, event_id: str, point: str, timeout: float = 60) -> dict[str, Any]:

@@ -44,6 +44,14 @@ The points, in the order a first delivery reaches them:
     (:data:`idempotency.signals.event_processed`).
 ``after-commit``
     The transaction committed; the message is not acknowledged yet (``on_commit``).
+
+One more point, named by the event id of an *outgoing* message (an outbox row's ``event_id``,
+such as the OrderPlaced id a PlaceOrder derives):
+
+``before-publish``
+    ``kill`` only: the transaction that stored the outbox row committed, and the publish after
+    the commit (``idempotency.outbox.store.publish_now``) is about to run. The row stays
+    pending; only the relay publishes it.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ from idempotency import signals
 from orders import services
 from tests.faults import consumers
 
-POINTS = ("handler", "before-commit", "after-commit")
+POINTS = ("handler", "before-commit", "after-commit", "before-publish")
 ACTIONS = ("pause", "kill")
 
 #: The longest a paused delivery waits for its release before it fails (and the test with it).
@@ -301,6 +309,25 @@ def _kill_between_pop_and_unacked(append: Callable[..., Any]) -> Callable[..., A
     return wrapper
 
 
+def _kill_before_publish(publish_now: Callable[..., Any]) -> Callable[..., Any]:
+    """The outbox's publish after commit: a ``before-publish`` fault of a row fires first."""
+
+    @functools.wraps(publish_now)
+    def wrapper(ids: Any, *args: Any, **kwargs: Any) -> Any:
+        base = faults_dir()
+        # Only a scenario that armed the point pays for the read.
+        if base is not None and any((base / "plan").glob("*@before-publish")):
+            from idempotency.models import OutboxMessage
+
+            rows = OutboxMessage.objects.using(kwargs.get("using") or "default").filter(pk__in=ids)
+            for event_id, task in rows.values_list("event_id", "task_name"):
+                if event_id:
+                    fire(str(event_id), "before-publish", str(task))
+        return publish_now(ids, *args, **kwargs)
+
+    return wrapper
+
+
 def install() -> None:
     """Patch the business logic once per process (the pool's children inherit it)."""
     if getattr(services, "_fault_hooks_installed", False):
@@ -308,7 +335,16 @@ def install() -> None:
     from kombu.transport import redis as redis_transport
 
     redis_transport.QoS.append = _kill_between_pop_and_unacked(redis_transport.QoS.append)  # type: ignore[method-assign]
-    for name in ("place_order", "payment_received", "debit_account", "ship_order"):
+    from idempotency.outbox import store as outbox_store
+
+    outbox_store.publish_now = _kill_before_publish(outbox_store.publish_now)  # type: ignore[assignment]
+    for name in (
+        "place_order",
+        "payment_received",
+        "debit_account",
+        "ship_order",
+        "send_order_confirmation",
+    ):
         setattr(services, name, _at_handler(f"orders.tasks.{name}", getattr(services, name)))
     services.create_once = _observed_create_once(services.create_once)  # type: ignore[assignment]
     consumers.record_audit = _at_handler(consumers.CONSUMER, consumers.record_audit)  # type: ignore[assignment]

@@ -18,8 +18,9 @@ from typing import Any
 
 from django.apps import apps
 
+from idempotency.consumers import derived_event_id
 from idempotency.models import OutboxMessage, Outcome, ProcessedEvent
-from orders.models import Customer, LedgerEntry, Order, Payment, Product
+from orders.models import ConfirmationEmail, Customer, LedgerEntry, Order, Payment, Product
 from tests.factories import (
     debit_account_event,
     order_shipped_event,
@@ -32,10 +33,20 @@ PLACE = "orders.tasks.place_order"
 PAY = "orders.tasks.payment_received"
 DEBIT = "orders.tasks.debit_account"
 SHIP = "orders.tasks.ship_order"
+#: The consumer of OrderPlaced, which PlaceOrder emits through the outbox for a customer with
+#: an email address (none of the seeded customers has one, unless a scenario gives it).
+CONFIRM = "orders.tasks.send_order_confirmation"
 AUDIT = consumers.CONSUMER
 
 #: The consumer name of each task (the task name, unless the decorator names another).
-CONSUMER_OF_TASK = {PLACE: PLACE, PAY: PAY, DEBIT: DEBIT, SHIP: SHIP, consumers.TASK_NAME: AUDIT}
+CONSUMER_OF_TASK = {
+    PLACE: PLACE,
+    PAY: PAY,
+    DEBIT: DEBIT,
+    SHIP: SHIP,
+    CONFIRM: CONFIRM,
+    consumers.TASK_NAME: AUDIT,
+}
 
 PRICES = {"FP-1": Decimal("10.00"), "FP-2": Decimal("25.00"), "FP-3": Decimal("4.50")}
 CUSTOMERS = ("FC-1", "FC-2", "FC-3")
@@ -132,12 +143,20 @@ class Ledger:
     extra_dead: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: Task ids of the outbox messages expected to end failed (refused by every publish).
     failed_outbox: set[str] = field(default_factory=set)
+    #: Customers the scenario gave an email address: each order of theirs emits OrderPlaced,
+    #: whose confirmation is an effect of its own (derived here, not read from the outbox).
+    emailed: set[str] = field(default_factory=set)
 
     def record(self, task: str, event: dict[str, Any], task_id: str) -> None:
         self.sent.append(Sent(task, event, task_id))
 
     def distinct(self) -> dict[tuple[str, str], dict[str, Any]]:
-        return {s.key: s.event for s in self.sent}
+        found = {s.key: s.event for s in self.sent}
+        for (consumer, event_id), event in list(found.items()):
+            if consumer == PLACE and event.get("customerId") in self.emailed:
+                placed = derived_event_id(event_id, "OrderPlaced")
+                found[(CONFIRM, placed)] = {"eventId": placed, "orderId": event["orderId"]}
+        return found
 
     def expected_effects(self) -> dict[tuple[str, str], dict[str, Any]]:
         return {k: e for k, e in self.distinct().items() if k not in self.expected_dead}
@@ -238,7 +257,10 @@ def inspect(ledger: Ledger, broker_dead: int | None = None) -> Inspection:
             "original_event_id", flat=True
         )
     )
-    rows = {PLACE: orders, PAY: payments, DEBIT: debits, AUDIT: audits}
+    confirmations = Counter(
+        str(e) for e in ConfirmationEmail.objects.values_list("original_event_id", flat=True)
+    )
+    rows = {PLACE: orders, PAY: payments, DEBIT: debits, AUDIT: audits, CONFIRM: confirmations}
     tracking = dict(Order.objects.values_list("order_id", "tracking_number"))
     for (consumer, event_id), event in expected.items():
         if consumer == SHIP:
@@ -258,6 +280,20 @@ def inspect(ledger: Ledger, broker_dead: int | None = None) -> Inspection:
     for consumer, event_id in inbox:
         if consumer in rows and rows[consumer][event_id] == 0:
             result.problem(f"the inbox record {consumer} {event_id} has no business row")
+
+    # The outgoing OrderPlaced of each order: stored once, with the order, and published.
+    emitted = Counter(
+        str(e)
+        for e in OutboxMessage.objects.filter(task_name=CONFIRM).values_list("event_id", flat=True)
+    )
+    for consumer, event_id in expected:
+        if consumer == CONFIRM and emitted[event_id] != 1:
+            result.problem(f"{emitted[event_id]} outbox messages for OrderPlaced {event_id}")
+    unpublished = OutboxMessage.objects.filter(task_name=CONFIRM).pending().count()
+    if unpublished:
+        result.problem(
+            f"{unpublished} OrderPlaced outbox messages never published", lost=unpublished
+        )
 
     # Totals, computed as if each distinct event had been applied once.
     stock = dict.fromkeys(PRICES, INITIAL_STOCK)

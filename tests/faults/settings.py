@@ -14,6 +14,9 @@
 ``FAULTS_RECONCILE_AFTER``
     ``IDEMPOTENCY["RECONCILE_AFTER"]`` in seconds: the relay republishes a message whose event
     shows no outcome within the scenario, not an hour later (``Scenario.relay`` sets it).
+``FAULTS_SMTP_PORT``
+    Django's SMTP email backend, sending to the test's SMTP server on that loopback port (the
+    confirmation emails of scenario 22), from ``orders@shop.example``.
 
 A process runs with them through ``DJANGO_SETTINGS_MODULE=tests.faults.settings``.
 """
@@ -51,3 +54,11 @@ if limit := os.environ.get("FAULTS_DELIVERY_LIMIT"):
 
 if after := os.environ.get("FAULTS_RECONCILE_AFTER"):
     IDEMPOTENCY = {**IDEMPOTENCY, "RECONCILE_AFTER": timedelta(seconds=float(after))}
+
+if smtp_port := os.environ.get("FAULTS_SMTP_PORT"):
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_HOST = "127.0.0.1"
+    EMAIL_PORT = int(smtp_port)
+    EMAIL_USE_TLS = False
+    EMAIL_TIMEOUT = 5
+    DEFAULT_FROM_EMAIL = "orders@shop.example"

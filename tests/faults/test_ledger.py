@@ -15,10 +15,21 @@ from django.db.models import F
 from django.utils import timezone
 
 from idempotency.models import DeadLetter, OutboxMessage, ProcessedEvent
-from orders.models import Customer, LedgerEntry, Order, Product
+from orders.models import ConfirmationEmail, Customer, LedgerEntry, Order, Product
 from tests.faults import consumers
 from tests.faults.harness import TASKS
-from tests.faults.ledger import DEBIT, PAY, PLACE, SHIP, Events, Ledger, inspect, seed_catalogue
+from tests.faults.ledger import (
+    CONFIRM,
+    CUSTOMERS,
+    DEBIT,
+    PAY,
+    PLACE,
+    SHIP,
+    Events,
+    Ledger,
+    inspect,
+    seed_catalogue,
+)
 
 Applied = tuple[Ledger, dict[str, Any], dict[str, Any]]
 
@@ -156,3 +167,57 @@ def test_failed_outbox_messages_must_be_expected(applied: Applied) -> None:
     # Expected to fail, yet still pending: reported too.
     OutboxMessage.objects.filter(pk=row.pk).update(failed_at=None)
     assert any("failed outbox messages" in p for p in inspect(ledger).problems)
+
+
+@pytest.fixture
+def confirmed(db: None) -> tuple[Ledger, dict[str, Any]]:
+    """An order of a customer with an email address, and its confirmation, each applied once."""
+    seed_catalogue()
+    Customer.objects.filter(customer_id__in=CUSTOMERS).update(email="shopper@example.com")
+    order = Events(seed=98).place()
+    ledger = Ledger(emailed=set(CUSTOMERS))
+    TASKS[PLACE].apply(args=[order])
+    ledger.record(PLACE, order, "task-0")
+    message = OutboxMessage.objects.get(task_name=CONFIRM)
+    TASKS[CONFIRM].apply(args=message.args)
+    # The publish after commit does not run in a test's transaction: as if it had.
+    OutboxMessage.objects.filter(pk=message.pk).update(published_at=timezone.now())
+    return ledger, order
+
+
+def test_a_confirmation_is_an_effect_of_its_own(confirmed: tuple[Ledger, dict[str, Any]]) -> None:
+    ledger, _ = confirmed
+    result = inspect(ledger)
+    assert result.problems == []
+    assert (result.effects, result.lost, result.doubled) == (2, 0, 0)
+
+
+def test_a_confirmation_never_recorded_is_lost(confirmed: tuple[Ledger, dict[str, Any]]) -> None:
+    ledger, _ = confirmed
+    ConfirmationEmail.objects.all().delete()
+    result = inspect(ledger)
+    assert result.lost == 1
+    assert any("no effect of orders.tasks.send_order_confirmation" in p for p in result.problems)
+
+
+def test_order_placed_unpublished_or_stored_twice_is_reported(
+    confirmed: tuple[Ledger, dict[str, Any]],
+) -> None:
+    ledger, _ = confirmed
+    message = OutboxMessage.objects.get(task_name=CONFIRM)
+    OutboxMessage.objects.filter(pk=message.pk).update(published_at=None)
+    result = inspect(ledger)
+    assert result.lost == 1
+    assert any("never published" in p for p in result.problems)
+    OutboxMessage.objects.filter(pk=message.pk).update(published_at=timezone.now())
+    OutboxMessage.objects.create(
+        task_name=CONFIRM, args=message.args, event_id=message.event_id, published_at=timezone.now()
+    )
+    assert any("2 outbox messages for OrderPlaced" in p for p in inspect(ledger).problems)
+
+
+def test_without_an_email_address_no_confirmation_is_expected(applied: Applied) -> None:
+    ledger, _, _ = applied
+    ledger.emailed = set(CUSTOMERS)  # the ledger expects one; the customers have no address
+    result = inspect(ledger)
+    assert result.lost == 1
