@@ -42,6 +42,8 @@ class KombuConsumer:
     of the same name, as kombu does for a bare name). *accept* lists the content types decoded
     (``json`` only by default: a pickle is never unpickled from a broker); any other message is
     dead-lettered as ``undecodable``. *on_outcome* is called after each message is settled.
+    *transport_options* go to the connection made from a URL (``{"visibility_timeout": 60}``
+    on Redis or SQS); a ``kombu.Connection`` you pass carries its own.
     """
 
     def __init__(
@@ -53,12 +55,21 @@ class KombuConsumer:
         accept: Sequence[str] = ("json",),
         on_outcome: Callable[[Outcome], None] | None = None,
         poll_interval: float = 1.0,
+        transport_options: dict[str, Any] | None = None,
     ) -> None:
         if not queues:
             raise ValueError("at least one queue is required")
         #: A connection made from a URL is this consumer's own, released when it stops.
         self._owned = isinstance(connection, str)
-        self.connection = Connection(connection) if isinstance(connection, str) else connection
+        if isinstance(connection, str):
+            self.connection = Connection(
+                connection, transport_options=dict(transport_options or {})
+            )
+        elif transport_options:
+            # Changing a caller's connection would change it for everyone who shares it.
+            raise TypeError("pass transport_options to your kombu.Connection, not here")
+        else:
+            self.connection = connection
         self.queues = [q if isinstance(q, Queue) else Queue(q, durable=True) for q in queues]
         self.consumer = consumer
         self.accept = list(accept)

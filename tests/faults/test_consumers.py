@@ -1,10 +1,12 @@
 """Plain consumers (``manage.py consume_events``) SIGKILLed inside the transaction and between
-the commit and the ack, on a real RabbitMQ (kombu) and a real NATS JetStream.
+the commit and the ack, on a real RabbitMQ and Redis (kombu) and a real NATS JetStream.
 
 Each scenario publishes a batch of events (some twice), arms kill points on a few of them, and
 runs the consumer again after every death until it drains the queue and exits 0 on its idle
 timeout. Then: every event applied exactly once (ledger entries and the balance), no dead
-letter, nothing left on the broker, and every armed kill fired. ~30 s per scenario.
+letter, nothing left on the broker, and every armed kill fired. ~10 s per scenario on RabbitMQ
+and NATS; on Redis a killed consumer's message comes back only after kombu's visibility
+timeout (2 s here) and the next restore pass, so each run waits longer for it (~40 s).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from tests.faults.conftest import REPORT
 from tests.faults.report import Row
 from tests.idempotency.consumers import handlers
 from tests.idempotency.consumers.test_kombu import publish, remaining
-from tests.services import AMQP_URL, ROOT, database_url, require_broker, require_postgres
+from tests.services import (
+    AMQP_URL,
+    REDIS_URL,
+    ROOT,
+    database_url,
+    require_broker,
+    require_postgres,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -47,9 +56,10 @@ MAX_RUNS = len(KILLS) + 3
 class Run:
     """The consumer started again after each death, on the test database."""
 
-    def __init__(self, arguments: list[str], directory: Path) -> None:
+    def __init__(self, arguments: list[str], directory: Path, idle_timeout: float = 3) -> None:
         self.arguments = arguments
         self.directory = directory
+        self.idle_timeout = idle_timeout
         self.exits: list[int] = []
         self.started = time.monotonic()
 
@@ -65,7 +75,7 @@ class Run:
             "--consumer",
             CONSUMER,
             "--idle-timeout",
-            "3",
+            str(self.idle_timeout),
             "-v",
             "2",
         ]
@@ -186,6 +196,54 @@ def test_kombu_consumer_killed_inside_the_transaction_and_before_the_ack(
     record(row("21a", TITLE, "rabbitmq"), len(messages), events, run)
     verify(events, armed, directory, run)
     assert remaining(AMQP_URL, rabbit_queue) == 0
+
+
+@pytest.fixture
+def redis_queue() -> Iterator[Queue]:
+    require_postgres()
+    require_broker(REDIS_URL)
+    name = f"idem_consumers_faults_{uuid.uuid4().hex}"
+    made = Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True)
+    yield made
+    with Connection(REDIS_URL) as conn:
+        made.bind(conn.default_channel).delete()
+
+
+#: kombu's Redis transport gives a dead consumer's message back once it has been unacknowledged
+#: this long (seconds; an hour by default), on a restore pass of a live consumer's poll.
+REDIS_VISIBILITY = 2
+#: A run waits this long with nothing to do before it exits 0: past the visibility timeout and
+#: the next restore pass (every tenth empty poll, about 10 s apart), so a killed run's message is
+#: not left behind in the unacked hash.
+REDIS_IDLE = 15
+
+
+def test_kombu_consumer_on_redis_killed_inside_the_transaction_and_before_the_ack(
+    redis_queue: Queue, tmp_path: Path, row: Callable[[str, str, str], Row]
+) -> None:
+    directory = tmp_path
+    handlers.ensure_customer()
+    events, messages = batch()
+    armed = arm(directory, events)
+    publish(REDIS_URL, redis_queue, *messages)
+    arguments = [
+        "kombu",
+        "--url",
+        REDIS_URL,
+        "--queue",
+        redis_queue.name,
+        "--visibility-timeout",
+        str(REDIS_VISIBILITY),
+    ]
+    run = Run(arguments, directory, idle_timeout=REDIS_IDLE)
+    run.until_drained()
+    record(row("21c", TITLE, "redis"), len(messages), events, run)
+    verify(events, armed, directory, run)
+    assert remaining(REDIS_URL, redis_queue) == 0
+    # Nothing left in the transport's unacked hash either: each kill's message was restored.
+    with Connection(REDIS_URL) as conn:
+        client = conn.default_channel.client  # type: ignore[attr-defined]
+        assert client.hlen("unacked") == 0
 
 
 @pytest.fixture

@@ -51,6 +51,13 @@ class Command(BaseCommand):
             "--queue", action="append", default=[], help="kombu: a queue to consume (repeatable)"
         )
         parser.add_argument(
+            "--visibility-timeout",
+            type=int,
+            help="kombu on Redis or SQS: seconds before a message left unacknowledged (the "
+            "consumer died) is given out again (the transport's visibility_timeout; kombu's "
+            "default on Redis is 3600)",
+        )
+        parser.add_argument(
             "--servers", default="nats://127.0.0.1:4222", help="nats: the server URL(s), comma"
         )
         parser.add_argument("--stream", help="nats: the JetStream stream")
@@ -134,8 +141,18 @@ class Command(BaseCommand):
                 from idempotency.consumers.kombu import KombuConsumer
             except MissingExtra as exc:
                 raise CommandError(str(exc)) from exc
+            visibility = options["visibility_timeout"]
+            _seconds(visibility, "--visibility-timeout")
             try:
-                return KombuConsumer(options["url"], options["queue"], events, on_outcome=report)
+                return KombuConsumer(
+                    options["url"],
+                    options["queue"],
+                    events,
+                    on_outcome=report,
+                    transport_options=(
+                        {"visibility_timeout": visibility} if visibility is not None else None
+                    ),
+                )
             except (KeyError, ValueError) as exc:  # an unknown transport, a malformed URL
                 raise CommandError(f"--url {options['url']!r}: {exc}") from None
         missing = [name for name in ("stream", "subject", "durable") if not options[name]]

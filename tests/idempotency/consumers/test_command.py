@@ -52,6 +52,8 @@ MEMORY = [*KOMBU, "--url", "memory://", "--queue", "q"]
         ([*MEMORY, "--idle-timeout", "1e30"], "--idle-timeout"),
         ([*MEMORY, "--idle-timeout", "0"], "--idle-timeout"),
         ([*MEMORY, "--transient-window", "-1"], "--transient-window"),
+        ([*MEMORY, "--visibility-timeout", "0"], "--visibility-timeout"),
+        ([*MEMORY, "--visibility-timeout", "100000"], "--visibility-timeout"),
         ([*MEMORY, "--consumer", " "], "consumer name"),
         (["nats", "--handler", HANDLER], "--stream, --subject, --durable"),
         (["nats", "--handler", HANDLER, "--stream", "s", "--subject", "x"], "--durable"),

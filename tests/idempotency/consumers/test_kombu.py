@@ -153,6 +153,14 @@ def test_queues_are_required() -> None:
         KombuConsumer("memory://", [], EventConsumer(handlers.credit, consumer=CONSUMER))
 
 
+def test_transport_options_go_to_the_connection_made_from_a_url() -> None:
+    events = EventConsumer(handlers.credit, consumer=CONSUMER)
+    made = KombuConsumer("memory://", ["q"], events, transport_options={"visibility_timeout": 5})
+    assert made.connection.transport_options == {"visibility_timeout": 5}
+    with Connection("memory://") as own, pytest.raises(TypeError, match=r"kombu\.Connection"):
+        KombuConsumer(own, ["q"], events, transport_options={"visibility_timeout": 5})
+
+
 def handlers_event() -> dict[str, Any]:
     return {"eventId": str(uuid.uuid4())}
 
