@@ -27,7 +27,7 @@ test: $(STAMP) lint  ## linters, then every test (service tests need DATABASE_UR
 # local run). SOAK_EVENTS and SOAK_DB_OUTAGE shrink the soak.
 faults: $(STAMP)  ## real workers killed, raced and cut off on RabbitMQ and Redis; writes docs/reliability.md
 	DATABASE_URL=$(FAULTS_DATABASE_URL) REQUIRE_SERVICES=1 FAULTS_REPORT=docs/reliability.md \
-	  FAULTS_COMMAND="make faults" $(BIN)/pytest -m faults tests/faults
+	  FAULTS_REPORT_MERGE=0 FAULTS_COMMAND="make faults" $(BIN)/pytest -m faults tests/faults
 
 soak: $(STAMP)  ## 10,000 events under kills, a broker restart and a database outage (minutes); its section of docs/reliability.md
 	DATABASE_URL=$(FAULTS_DATABASE_URL) REQUIRE_SERVICES=1 FAULTS_REPORT=docs/reliability.md \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -100,7 +101,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """``make faults`` sets FAULTS_REPORT: the table goes there (docs/reliability.md)."""
+    """``make faults`` sets FAULTS_REPORT: the table goes there (docs/reliability.md).
+
+    A run merges its rows into the page (replacing those of the scenarios it ran) unless
+    FAULTS_REPORT_MERGE=0, which ``make faults`` sets: a run of the whole suite rewrites it.
+    FAULTS_COMMAND names the run on the page; by default, the pytest command line.
+    """
     target = os.environ.get("FAULTS_REPORT")
     report = session.config.stash.get(REPORT, None)
     if not target or report is None or not report.rows:
@@ -108,10 +114,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     path = Path(target)
     if not path.is_absolute():
         path = ROOT / path
+    invoked = "pytest " + shlex.join(session.config.invocation_params.args)
     report.write(
         path,
-        os.environ.get("FAULTS_COMMAND", "pytest -m faults"),
+        os.environ.get("FAULTS_COMMAND", invoked),
         os.environ.get("FAULTS_REPORT_SECTION", "faults"),
+        merge=os.environ.get("FAULTS_REPORT_MERGE", "1") != "0",
     )
 
 
