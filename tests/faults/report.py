@@ -95,7 +95,8 @@ class Page:
                     "at": generated["at"] if generated else "",
                     "minutes": float(total["minutes"]) if total else None,
                     "rows": list(page.rows),
-                    **({"note": note["note"]} if note else {}),
+                    # The note speaks of this many rows, however many of them stay.
+                    **({"note": note["note"], "written": len(page.rows)} if note else {}),
                 }
             ]
         return page
@@ -278,9 +279,11 @@ class Report:
     def _described(run: dict[str, Any]) -> str:
         rows = run["rows"]
         minutes = f", {run['minutes']:.1f} min" if run.get("minutes") is not None else ""
-        text = (
-            f"`{run['command']}` on {run['at']}{minutes}: {len(rows)} row{'s' * (len(rows) != 1)}"
-        )
+        count = f"{len(rows)} row{'s' * (len(rows) != 1)}"
+        if run.get("written", len(rows)) != len(rows):
+            # A note written of more rows than stay: say so, rather than let its counts mislead.
+            count = f"{len(rows)} of its {run['written']} rows"
+        text = f"`{run['command']}` on {run['at']}{minutes}: {count}"
         if run.get("note"):
             text += f" ({run['note']})"
         elif len(rows) <= LISTED_ROWS:

@@ -122,3 +122,14 @@ def test_the_soak_section_survives_a_merge(tmp_path: Path) -> None:
     assert "| 14 |" in soak
     main = text[: text.index(SOAK_START)]
     assert sorted(table(main)) == ["1 redis", "2 redis"]
+
+
+def test_the_provenance_note_of_a_hand_edited_page_is_kept(tmp_path: Path) -> None:
+    page = tmp_path / "reliability.md"
+    run_of(("1", "redis", "passed", 5), ("2", "redis", "passed", 6)).write(page, "make faults")
+    text = "\n".join(
+        line for line in page.read_text().splitlines() if not line.startswith("<!-- faults-runs")
+    )
+    page.write_text(text.replace("Rows: 2 (2 passed);", "Rows: 2 (2 passed): row 2 from a rerun;"))
+    run_of(("2", "redis", "passed", 7)).write(page, "a rerun", merge=True)
+    assert "1 of its 2 rows (row 2 from a rerun)" in page.read_text()
