@@ -36,7 +36,7 @@ from ..exceptions import (
 from ..fingerprint import bounded_canonical_json, has_escaped_nul, sha256_hex, stored_json
 from ..keys import event_id_key
 from .models import Outcome, ProcessedEvent
-from .statements import claim_statement
+from .statements import RecordLoader, claim_statement
 
 logger = logging.getLogger("idempotency")
 
@@ -76,6 +76,14 @@ def claim(
 def _claim(
     consumer: str, event_id: str, fingerprint: str, payload: Any, using: str
 ) -> tuple[ProcessedEvent, bool]:
+    load, created = _claim_lazily(consumer, event_id, fingerprint, payload, using)
+    return load(), created
+
+
+def _claim_lazily(
+    consumer: str, event_id: str, fingerprint: str, payload: Any, using: str
+) -> tuple[RecordLoader, bool]:
+    """The claim, its record built only when ``load()`` is called."""
     if not connections[using].in_atomic_block:
         raise TransactionRequired(
             f"claim({consumer!r}, {event_id!r}) must run inside transaction.atomic(using={using!r})"
@@ -83,7 +91,7 @@ def _claim(
     if not consumer:
         raise IdempotencyConfigurationError("a consumer name is required")
     defaults = {"fingerprint": fingerprint, "payload": payload}
-    return claim_statement(using)(using, consumer, event_id, defaults)
+    return claim_statement(using).lazily(using, consumer, event_id, defaults)
 
 
 #: The statements a write guard refuses: those that change rows.
@@ -215,7 +223,8 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         self.allow_writes_to = frozenset(allow_writes_to)
         self.using = using or inbox_database()
         self._atomic = transaction.atomic(using=self.using, savepoint=savepoint)
-        self.record: ProcessedEvent | None = None
+        self._record: ProcessedEvent | None = None
+        self._load: RecordLoader | None = None
         self.created = False
         self.result: Any = None
         self._outcome = Outcome.PROCESSED
@@ -224,6 +233,19 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         self._open = False
         self._committed = False
         self._guards: ExitStack | None = None
+
+    @property
+    def record(self) -> ProcessedEvent | None:
+        """The inbox record claimed (None before the claim), built when first read: a first
+        delivery that never reads it pays for no model instance.
+        """
+        if self._load is not None:
+            self._record, self._load = self._load(), None
+        return self._record
+
+    @record.setter
+    def record(self, value: ProcessedEvent | None) -> None:
+        self._record, self._load = value, None
 
     @property
     def duplicate(self) -> bool:
@@ -273,7 +295,8 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         return self
 
     def _enter(self) -> None:
-        self.record, self.created = _claim(
+        self._record = None
+        self._load, self.created = _claim_lazily(
             self.consumer, self.event_id, self.fingerprint, self.payload, self.using
         )
         if self.created:
@@ -282,6 +305,7 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
             self._token = _active.set(self)
             return
         record = self.record
+        assert record is not None
         self.result = record.result
         if self.fingerprint and record.fingerprint and self.fingerprint != record.fingerprint:
             mismatch = PayloadMismatch(
@@ -321,9 +345,10 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 self.event_id,
                 extra=self._log_extra(),
             )
-        signals.duplicate_discarded.send(
-            sender=ProcessedEvent, consumer=self.consumer, event_id=self.event_id, record=record
-        )
+        if signals.duplicate_discarded.receivers:  # no receivers: no dispatch to build
+            signals.duplicate_discarded.send(
+                sender=ProcessedEvent, consumer=self.consumer, event_id=self.event_id, record=record
+            )
 
     def _guard_other_databases(self) -> None:
         guards = ExitStack()
@@ -417,17 +442,22 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         return value
 
     def _finish(self) -> None:
-        record = self.record
-        assert record is not None
+        # The record is built only if something reads or changes it: a first delivery with no
+        # result to keep, no rejection and no receivers writes and builds nothing more.
+        record = self._record
+        outcome = Outcome.PROCESSED.value if record is None else record.outcome
         changes: dict[str, Any] = {}
-        if self._outcome != record.outcome:
+        if self._outcome != outcome:
             changes.update(outcome=self._outcome, reason=self._reason)
+            outcome = self._outcome
         if self.store_result and self.result is not None:
             value = self._stored_result()
             if value is not None:
                 changes["result"] = value
         if changes:
             # One UPDATE, and only when there is something to keep: most handlers return None.
+            record = self.record
+            assert record is not None
             for name, value in changes.items():
                 setattr(record, name, value)
             record.save(using=self.using, update_fields=list(changes))
@@ -436,13 +466,19 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 "%s event %s %s",
                 self.consumer,
                 self.event_id,
-                record.outcome,
-                extra={**self._log_extra(), "outcome": record.outcome},
+                outcome,
+                extra={**self._log_extra(), "outcome": outcome},
             )
-        signals.event_processed.send(
-            sender=ProcessedEvent, consumer=self.consumer, event_id=self.event_id, record=record
-        )
-        if record.outcome == Outcome.REJECTED:
+        if signals.event_processed.receivers:
+            signals.event_processed.send(
+                sender=ProcessedEvent,
+                consumer=self.consumer,
+                event_id=self.event_id,
+                record=self.record,
+            )
+        if outcome == Outcome.REJECTED and signals.event_rejected.receivers:
+            record = self.record
+            assert record is not None
             signals.event_rejected.send(
                 sender=ProcessedEvent,
                 consumer=self.consumer,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from django.db import IntegrityError, OperationalError, connections, models
@@ -50,9 +50,44 @@ _INSERT_FIELDS = (
     "duplicate_count",
 )
 
-#: ``(using, consumer, event_id, defaults) -> (record, created)``; *defaults* sets initial
-#: values of a new record (``fingerprint``, ``payload``).
-ClaimStatement = Callable[[str, str, str, Mapping[str, Any]], tuple[ProcessedEvent, bool]]
+#: The insert's constants, written into the statement rather than sent as parameters: the
+#: same for every claim, so no per-claim preparation (``get_db_prep_save``) or quoting.
+_INSERT_LITERALS = {
+    "outcome": f"'{Outcome.PROCESSED.value}'",
+    "reason": "''",
+    "mismatch_fingerprint": "''",
+    "duplicate_count": "0",
+}
+
+#: What a claim's *defaults* may set: everything else in a new record is a constant.
+_DEFAULT_KEYS = frozenset({"fingerprint", "payload"})
+
+#: Builds the claimed record when it is first needed.
+RecordLoader = Callable[[], ProcessedEvent]
+LazyClaim = Callable[[str, str, str, Mapping[str, Any]], tuple[RecordLoader, bool]]
+
+
+class ClaimStatement:
+    """A claim statement: ``statement(using, consumer, event_id, defaults)`` returns
+    ``(record, created)``; :attr:`lazily` returns ``(load, created)`` instead, ``load()``
+    building the record: a first delivery whose record nobody reads builds no model instance.
+
+    *defaults* sets the initial ``fingerprint`` and ``payload`` of a new record.
+    """
+
+    def __init__(self, lazily: LazyClaim) -> None:
+        self.lazily = lazily
+        self.__name__ = lazily.__name__
+        self.__doc__ = lazily.__doc__
+
+    def __call__(
+        self, using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
+    ) -> tuple[ProcessedEvent, bool]:
+        load, created = self.lazily(using, consumer, event_id, defaults)
+        return load(), created
+
+    def __repr__(self) -> str:
+        return f"<ClaimStatement {self.__name__}>"
 
 
 def _field(name: str) -> models.Field:
@@ -75,15 +110,18 @@ def _attnames() -> list[str]:
     return [f.attname for f in _fields()]
 
 
+def _placeholders() -> str:
+    return ", ".join(_INSERT_LITERALS.get(name, "%s") for name in _INSERT_FIELDS)
+
+
 @lru_cache(maxsize=4)
 def _sql(vendor: str) -> dict[str, str]:
     # Quoting follows the SQL standard, which both vendors accept.
     table = f'"{ProcessedEvent._meta.db_table}"'
     columns = ", ".join(_quoted(name) for name in _INSERT_FIELDS)
-    placeholders = ", ".join(["%s"] * len(_INSERT_FIELDS))
     every = ", ".join(f'"{f.column}"' for f in _fields())
     insert = (
-        f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) "
+        f"INSERT INTO {table} ({columns}) VALUES ({_placeholders()}) "
         f"ON CONFLICT ({_quoted('event_id')}, {_quoted('consumer')}) DO NOTHING"
     )
     select = (
@@ -95,24 +133,28 @@ def _sql(vendor: str) -> dict[str, str]:
 
 
 @lru_cache(maxsize=8)
-def _converters(using: str, vendor: str) -> list[tuple[Any, list[Callable[..., Any]]]]:
-    """Per column, the expression and the converters Django's compiler would apply."""
+def _converters(
+    using: str, vendor: str
+) -> tuple[tuple[int, Any, tuple[Callable[..., Any], ...]], ...]:
+    """The columns Django's compiler would convert: (position, expression, converters)."""
     connection = connections[using]
     result = []
-    for field in _fields():
+    for index, field in enumerate(_fields()):
         col = field.get_col(ProcessedEvent._meta.db_table)
-        converters = [*connection.ops.get_db_converters(col), *col.get_db_converters(connection)]
-        result.append((col, converters))
-    return result
+        converters = (*connection.ops.get_db_converters(col), *col.get_db_converters(connection))
+        if converters:
+            result.append((index, col, converters))
+    return tuple(result)
 
 
 def _record(using: str, row: Sequence[Any]) -> ProcessedEvent:
     connection = connections[using]
-    values = []
-    for value, (col, converters) in zip(row, _converters(using, connection.vendor), strict=True):
+    values = list(row)
+    for index, col, converters in _converters(using, connection.vendor):
+        value = values[index]
         for converter in converters:
             value = converter(value, col, connection)
-        values.append(value)
+        values[index] = value
     return ProcessedEvent.from_db(using, _attnames(), values)
 
 
@@ -130,56 +172,87 @@ def _values(consumer: str, event_id: str, defaults: Mapping[str, Any]) -> dict[s
     }
 
 
-def _params(using: str, values: dict[str, Any]) -> list[Any]:
-    connection = connections[using]
-    return [_field(name).get_db_prep_save(values[name], connection) for name in _INSERT_FIELDS]
+def _params(using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]) -> list[Any]:
+    """The insert's parameters: only what differs between claims (see ``_INSERT_LITERALS``)."""
+    if not defaults.keys() <= _DEFAULT_KEYS:
+        raise TypeError(
+            f"a claim's defaults set only {sorted(_DEFAULT_KEYS)}, not {sorted(defaults)}"
+        )
+    payload = defaults.get("payload")
+    if payload is not None:  # the only value that needs the field's preparation (JSON)
+        payload = _field("payload").get_db_prep_save(payload, connections[using])
+    return [consumer, event_id, defaults.get("fingerprint", ""), payload]
 
 
-def _select(using: str, consumer: str, event_id: str) -> ProcessedEvent | None:
+def _new_record(
+    using: str,
+    pk: int,
+    processed_at: Any,
+    consumer: str,
+    event_id: str,
+    defaults: Mapping[str, Any],
+) -> ProcessedEvent:
+    """The record an insert just made, from what it was given and what it returned."""
+    processed_at = _processed_at(using, processed_at)
+    record = ProcessedEvent(
+        pk=pk, processed_at=processed_at, **_values(consumer, event_id, defaults)
+    )
+    record._state.adding = False
+    record._state.db = using
+    return record
+
+
+def _select(using: str, consumer: str, event_id: str) -> Sequence[Any] | None:
     connection = connections[using]
     with connection.cursor() as cursor:
         cursor.execute(_sql(connection.vendor)["select"], [consumer, event_id])
-        row = cursor.fetchone()
-    return None if row is None else _record(using, row)
+        row: Sequence[Any] | None = cursor.fetchone()
+    return row
 
 
+@ClaimStatement
 def insert_select(
     using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
-) -> tuple[ProcessedEvent, bool]:
+) -> tuple[RecordLoader, bool]:
     """PostgreSQL with psycopg 3: the insert and the select in one round trip."""
     connection = connections[using]
     sql = _sql(connection.vendor)
-    params = _params(using, _values(consumer, event_id, defaults))
+    params = _params(using, consumer, event_id, defaults)
     with connection.cursor() as cursor:
         cursor.execute(sql["insert_select"], [*params, consumer, event_id])
-        created = cursor.fetchone() is not None
+        inserted = cursor.fetchone()
+        if inserted is not None:
+            # The select's row is the one just inserted: everything in it is known already.
+            # Its result arrived with the insert's; leaving it unread costs nothing.
+            return partial(
+                _new_record, using, inserted[0], inserted[1], consumer, event_id, defaults
+            ), True
         cursor.nextset()
         row = cursor.fetchone()
     if row is None:
         # The conflicting row was purged between the two statements: claim afresh.
-        return insert_returning(using, consumer, event_id, defaults)
-    return _record(using, row), created
+        return insert_returning.lazily(using, consumer, event_id, defaults)
+    return partial(_record, using, row), False
 
 
+@ClaimStatement
 def insert_returning(
     using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
-) -> tuple[ProcessedEvent, bool]:
+) -> tuple[RecordLoader, bool]:
     """SQLite: insert, and select only when the insert did nothing."""
     connection = connections[using]
-    values = _values(consumer, event_id, defaults)
     with connection.cursor() as cursor:
-        cursor.execute(_sql(connection.vendor)["insert"], _params(using, values))
-        row = cursor.fetchone()
-    if row is None:
-        existing = _select(using, consumer, event_id)
-        if existing is None:
+        cursor.execute(
+            _sql(connection.vendor)["insert"], _params(using, consumer, event_id, defaults)
+        )
+        inserted = cursor.fetchone()
+    if inserted is None:
+        row = _select(using, consumer, event_id)
+        if row is None:
             # The conflicting row was purged between the two statements: claim afresh.
-            return insert_returning(using, consumer, event_id, defaults)
-        return existing, False
-    record = ProcessedEvent(pk=row[0], processed_at=_processed_at(using, row[1]), **values)
-    record._state.adding = False
-    record._state.db = using
-    return record, True
+            return insert_returning.lazily(using, consumer, event_id, defaults)
+        return partial(_record, using, row), False
+    return partial(_new_record, using, inserted[0], inserted[1], consumer, event_id, defaults), True
 
 
 @lru_cache(maxsize=1)
@@ -190,12 +263,11 @@ def _mysql_sql() -> dict[str, str]:
 
     table = quote(ProcessedEvent._meta.db_table)
     columns = ", ".join(quote(_field(name).column) for name in _INSERT_FIELDS)
-    placeholders = ", ".join(["%s"] * len(_INSERT_FIELDS))
     every = ", ".join(quote(f.column) for f in _fields())
     pk = quote(_field("id").column)
     return {
         # A no-op update: the duplicate row is locked and left as it is.
-        "insert": f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) "
+        "insert": f"INSERT INTO {table} ({columns}) VALUES ({_placeholders()}) "
         f"ON DUPLICATE KEY UPDATE {pk} = {pk}",
         "select": f"SELECT {every} FROM {table} "
         f"WHERE {quote(_field('consumer').column)} = %s "
@@ -203,44 +275,57 @@ def _mysql_sql() -> dict[str, str]:
     }
 
 
+def _new_deferred_record(
+    using: str, pk: int, consumer: str, event_id: str, defaults: Mapping[str, Any]
+) -> ProcessedEvent:
+    record = ProcessedEvent(pk=pk, **_values(consumer, event_id, defaults))
+    record._state.adding = False
+    record._state.db = using
+    # processed_at is the database's: deferred (absent from __dict__), one SELECT if read.
+    del record.__dict__["processed_at"]
+    return record
+
+
+@ClaimStatement
 def insert_on_duplicate(
     using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
-) -> tuple[ProcessedEvent, bool]:
+) -> tuple[RecordLoader, bool]:
     """MariaDB/MySQL: insert or lock the duplicate; select (locking) only for a duplicate."""
     connection = connections[using]
     sql = _mysql_sql()
-    values = _values(consumer, event_id, defaults)
     with connection.cursor() as cursor:
-        cursor.execute(sql["insert"], _params(using, values))
+        cursor.execute(sql["insert"], _params(using, consumer, event_id, defaults))
         new_id = cursor.lastrowid
         if not new_id:
             cursor.execute(sql["select"], [consumer, event_id])
             row = cursor.fetchone()
     if new_id:
-        record = ProcessedEvent(pk=new_id, **values)
-        record._state.adding = False
-        record._state.db = using
-        # processed_at is the database's: deferred (absent from __dict__), one SELECT if read.
-        del record.__dict__["processed_at"]
-        return record, True
+        return partial(_new_deferred_record, using, new_id, consumer, event_id, defaults), True
     if row is None:
         # The conflicting row was purged between the two statements: claim afresh.
-        return insert_on_duplicate(using, consumer, event_id, defaults)
-    return _record(using, row), False
+        return insert_on_duplicate.lazily(using, consumer, event_id, defaults)
+    return partial(_record, using, row), False
 
 
 def _processed_at(using: str, value: Any) -> Any:
     """A ``processed_at`` returned by the insert, converted as Django would read it."""
     connection = connections[using]
-    col, converters = _converters(using, connection.vendor)[_attnames().index("processed_at")]
-    for converter in converters:
-        value = converter(value, col, connection)
+    position = _attnames().index("processed_at")
+    for index, col, converters in _converters(using, connection.vendor):
+        if index == position:
+            for converter in converters:
+                value = converter(value, col, connection)
     return value
 
 
+def _loaded(record: ProcessedEvent) -> ProcessedEvent:
+    return record
+
+
+@ClaimStatement
 def get_or_create(
     using: str, consumer: str, event_id: str, defaults: Mapping[str, Any]
-) -> tuple[ProcessedEvent, bool]:
+) -> tuple[RecordLoader, bool]:
     """Any backend: ``get_or_create``, its insert inside a savepoint."""
     try:
         record, created = ProcessedEvent.objects.using(using).get_or_create(
@@ -257,7 +342,7 @@ def get_or_create(
     if created and not isinstance(record.processed_at, datetime):
         # A backend that cannot return columns from an insert leaves the database default unread.
         record.refresh_from_db(using=using, fields=["processed_at"])
-    return record, created
+    return partial(_loaded, record), created
 
 
 #: Every claim statement, for the tests that run each one on each database.
