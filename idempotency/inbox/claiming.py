@@ -287,7 +287,7 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
             if outermost:
                 # Registered first, so it runs first after the commit: a later callback that
                 # raises is then known to have raised after a commit, not instead of one.
-                transaction.on_commit(self._mark_committed, using=self.using)
+                connection.on_commit(self._mark_committed)
             self._enter()
         except BaseException:
             self._close(*sys.exc_info())
@@ -295,9 +295,14 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         return self
 
     def _enter(self) -> None:
+        if not self.consumer:
+            raise IdempotencyConfigurationError("a consumer name is required")
         self._record = None
-        self._load, self.created = _claim_lazily(
-            self.consumer, self.event_id, self.fingerprint, self.payload, self.using
+        # Straight to the statement: the atomic block was just entered, so _claim's check for
+        # one has nothing to find.
+        defaults = {"fingerprint": self.fingerprint, "payload": self.payload}
+        self._load, self.created = claim_statement(self.using).lazily(
+            self.using, self.consumer, self.event_id, defaults
         )
         if self.created:
             if len(connections.settings) > 1:  # one database: nothing to guard, no cost
