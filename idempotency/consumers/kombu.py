@@ -42,8 +42,9 @@ class KombuConsumer:
     of the same name, as kombu does for a bare name). *accept* lists the content types decoded
     (``json`` only by default: a pickle is never unpickled from a broker); any other message is
     dead-lettered as ``undecodable``. *on_outcome* is called after each message is settled.
-    *transport_options* go to the connection made from a URL (``{"visibility_timeout": 60}``
-    on Redis or SQS); a ``kombu.Connection`` you pass carries its own.
+    *transport* (a kombu transport alias or a ``"module:Class"`` path, by default the URL's
+    scheme) and *transport_options* (``{"visibility_timeout": 60}`` on Redis or SQS) go to the
+    connection made from a URL; a ``kombu.Connection`` you pass carries its own.
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class KombuConsumer:
         accept: Sequence[str] = ("json",),
         on_outcome: Callable[[Outcome], None] | None = None,
         poll_interval: float = 1.0,
+        transport: str | None = None,
         transport_options: dict[str, Any] | None = None,
     ) -> None:
         if not queues:
@@ -63,11 +65,11 @@ class KombuConsumer:
         self._owned = isinstance(connection, str)
         if isinstance(connection, str):
             self.connection = Connection(
-                connection, transport_options=dict(transport_options or {})
+                connection, transport=transport, transport_options=dict(transport_options or {})
             )
-        elif transport_options:
+        elif transport or transport_options:
             # Changing a caller's connection would change it for everyone who shares it.
-            raise TypeError("pass transport_options to your kombu.Connection, not here")
+            raise TypeError("pass transport and transport_options to your kombu.Connection")
         else:
             self.connection = connection
         self.queues = [q if isinstance(q, Queue) else Queue(q, durable=True) for q in queues]

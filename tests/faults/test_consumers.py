@@ -56,15 +56,27 @@ MAX_RUNS = len(KILLS) + 3
 class Run:
     """The consumer started again after each death, on the test database."""
 
-    def __init__(self, arguments: list[str], directory: Path, idle_timeout: float = 3) -> None:
+    def __init__(
+        self,
+        arguments: list[str],
+        directory: Path,
+        idle_timeout: float = 3,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.arguments = arguments
         self.directory = directory
         self.idle_timeout = idle_timeout
+        self.env = env or {}
         self.exits: list[int] = []
         self.started = time.monotonic()
 
     def until_drained(self) -> None:
-        env = {**os.environ, "DATABASE_URL": database_url(), "FAULTS_DIR": str(self.directory)}
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "FAULTS_DIR": str(self.directory),
+            **self.env,
+        }
         command = [
             sys.executable,
             "manage.py",
@@ -244,6 +256,72 @@ def test_kombu_consumer_on_redis_killed_inside_the_transaction_and_before_the_ac
     with Connection(REDIS_URL) as conn:
         client = conn.default_channel.client  # type: ignore[attr-defined]
         assert client.hlen("unacked") == 0
+
+
+#: The SQS queue's visibility timeout (seconds): how soon a killed consumer's message is back.
+SQS_VISIBILITY = 2
+
+
+def test_kombu_consumer_on_sqs_killed_inside_the_transaction_and_before_the_ack(
+    sqs_emulator: Any, tmp_path: Path, row: Callable[[str, str, str], Row]
+) -> None:
+    """21d. The same on SQS (the emulator, tests/sqs.py) through the example's transport
+    (project/sqs.py: it flags a redelivery and deletes an acknowledged message), named with
+    ``--transport`` and configured with ``--transport-option``."""
+    from project import sqs
+    from project.queues import work_queue
+    from tests.integration.test_sqs import _attributes, _connection
+    from tests.sqs import SQS_ENV
+
+    require_postgres()
+    directory = tmp_path
+    name = f"idem-consumers-faults-{uuid.uuid4().hex[:12]}"
+    sqs.declare_queues(
+        sqs_emulator.client, name, visibility_timeout=SQS_VISIBILITY, max_receive_count=20
+    )
+    try:
+        handlers.ensure_customer()
+        events, messages = batch()
+        armed = arm(directory, events)
+        queue = work_queue(name)
+        with _connection(sqs_emulator) as conn:
+            producer = conn.Producer()
+            for body in messages:
+                producer.publish(body, exchange=queue.exchange, routing_key=name, declare=[queue])
+        options = {
+            "region": SQS_ENV["AWS_DEFAULT_REGION"],
+            "is_secure": "false",
+            "wait_time_seconds": "0",
+            "fetch_message_attributes": '["ApproximateReceiveCount"]',
+        }
+        arguments = [
+            "kombu",
+            "--url",
+            sqs_emulator.url,
+            "--queue",
+            name,
+            "--transport",
+            "project.sqs:Transport",
+            *(
+                arg
+                for key, value in options.items()
+                for arg in ("--transport-option", f"{key}={value}")
+            ),
+            "--visibility-timeout",
+            str(SQS_VISIBILITY),
+        ]
+        # Past the visibility timeout, so a killed run's message is back before a run ends.
+        run = Run(arguments, directory, idle_timeout=SQS_VISIBILITY + 4, env=SQS_ENV)
+        run.until_drained()
+        record(row("21d", TITLE, "sqs"), len(messages), events, run)
+        verify(events, armed, directory, run)
+        attributes = _attributes(sqs_emulator, sqs.queue_names(name)[0])
+        assert attributes["ApproximateNumberOfMessages"] == "0", attributes
+        assert attributes["ApproximateNumberOfMessagesNotVisible"] == "0", attributes
+    finally:
+        for sqs_name in sqs.queue_names(name):
+            url = sqs_emulator.client.get_queue_url(QueueName=sqs_name)["QueueUrl"]
+            sqs_emulator.client.delete_queue(QueueUrl=url)
 
 
 @pytest.fixture

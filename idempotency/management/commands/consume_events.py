@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import threading
@@ -24,6 +25,21 @@ def _seconds(value: float | None, name: str, *, allow_zero: bool = False) -> Non
     low_ok = value >= 0 if allow_zero else value > 0
     if not (math.isfinite(value) and low_ok and value <= 86_400):
         raise CommandError(f"{name} must be a number of seconds, more than 0 and at most 86400")
+
+
+def _transport_options(pairs: list[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs as a dict; a VALUE that is JSON (``2``, ``false``, ``["a"]``) is
+    read as such, any other as text."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise CommandError(f"--transport-option {pair!r}: expected NAME=VALUE")
+        try:
+            options[name.strip()] = json.loads(value)
+        except ValueError:
+            options[name.strip()] = value
+    return options
 
 
 class Command(BaseCommand):
@@ -56,6 +72,18 @@ class Command(BaseCommand):
             help="kombu on Redis or SQS: seconds before a message left unacknowledged (the "
             "consumer died) is given out again (the transport's visibility_timeout; kombu's "
             "default on Redis is 3600)",
+        )
+        parser.add_argument(
+            "--transport",
+            help="kombu: the transport, an alias or a module:Class path (default: the URL's "
+            "scheme), such as a transport of your own for SQS",
+        )
+        parser.add_argument(
+            "--transport-option",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="kombu: a transport option (repeatable); the value is read as JSON, else as text",
         )
         parser.add_argument(
             "--servers", default="nats://127.0.0.1:4222", help="nats: the server URL(s), comma"
@@ -141,18 +169,22 @@ class Command(BaseCommand):
                 from idempotency.consumers.kombu import KombuConsumer
             except MissingExtra as exc:
                 raise CommandError(str(exc)) from exc
+            transport_options = _transport_options(options["transport_option"])
             visibility = options["visibility_timeout"]
             _seconds(visibility, "--visibility-timeout")
+            if visibility is not None:
+                transport_options["visibility_timeout"] = visibility
             try:
                 return KombuConsumer(
                     options["url"],
                     options["queue"],
                     events,
                     on_outcome=report,
-                    transport_options=(
-                        {"visibility_timeout": visibility} if visibility is not None else None
-                    ),
+                    transport=options["transport"] or None,
+                    transport_options=transport_options,
                 )
+            except (ImportError, AttributeError) as exc:  # a transport path that names nothing
+                raise CommandError(f"--transport {options['transport']!r}: {exc}") from None
             except (KeyError, ValueError) as exc:  # an unknown transport, a malformed URL
                 raise CommandError(f"--url {options['url']!r}: {exc}") from None
         missing = [name for name in ("stream", "subject", "durable") if not options[name]]

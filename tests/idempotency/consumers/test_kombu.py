@@ -159,6 +159,9 @@ def test_transport_options_go_to_the_connection_made_from_a_url() -> None:
     assert made.connection.transport_options == {"visibility_timeout": 5}
     with Connection("memory://") as own, pytest.raises(TypeError, match=r"kombu\.Connection"):
         KombuConsumer(own, ["q"], events, transport_options={"visibility_timeout": 5})
+    # A transport named by its path, for a URL whose scheme would pick another.
+    named = KombuConsumer("memory://", ["q"], events, transport="kombu.transport.memory:Transport")
+    assert named.connection.transport_cls == "kombu.transport.memory:Transport"
 
 
 def handlers_event() -> dict[str, Any]:
