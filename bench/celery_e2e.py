@@ -250,22 +250,25 @@ def measure(
     return results, ratios
 
 
-def profile(brokers: list[str], tasks: int) -> dict[str, Any]:
-    """Each task once on one pool process under cProfile, per broker: where its time goes."""
+def profile(brokers: list[str], tasks: int, pairs: int) -> dict[str, Any]:
+    """Each task on one pool process under cProfile, in *pairs* alternating pairs per broker:
+    where its time goes, the pairs' profiles summed."""
     profiles: dict[str, Any] = {}
     for broker in brokers:
-        runs: dict[str, Any] = {}
-        for kind in TASKS:
-            directory = Path(tempfile.mkdtemp(prefix="bench-profile-"))
-            rate = run_once(broker, kind, 1, tasks, profile=directory)
-            runs[kind] = {"rate": rate, **workerprofile.analyse(directory)}
-            shutil.rmtree(directory, ignore_errors=True)
-            print(
-                f"profiled {broker:<8} 1 proc  {kind:<9} {rate:7.1f} tasks/s (under cProfile)",
-                file=sys.stderr,
-                flush=True,
-            )
-        profiles[broker] = runs
+        runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in TASKS}
+        for pair in range(pairs):
+            for kind in TASKS if pair % 2 == 0 else reversed(TASKS):
+                directory = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+                rate = run_once(broker, kind, 1, tasks, profile=directory)
+                runs[kind].append({"rate": rate, **workerprofile.analyse(directory)})
+                shutil.rmtree(directory, ignore_errors=True)
+                print(
+                    f"profiled pair {pair + 1}  {broker:<8} 1 proc  {kind:<9} {rate:7.1f} tasks/s "
+                    "(under cProfile)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        profiles[broker] = {kind: workerprofile.merge(found) for kind, found in runs.items()}
     return profiles
 
 
@@ -303,7 +306,7 @@ def main() -> None:
             args.pairs or (2 if args.quick else 5), tasks, (1, 2), brokers, quick=args.quick
         )
         measured_with = {role: found[0]["settings"] for role, found in reports.items()}
-        profiles = profile(args.profile or [], tasks)
+        profiles = profile(args.profile or [], tasks, 1 if args.quick else 2)
     if args.json:
         write_json(
             args.json,

@@ -317,7 +317,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few events, 5 rounds")
     parser.add_argument(
-        "--events", type=int, help="events per process and round (default 400; quick 40)"
+        "--events", type=int, help="events per process and round (default 400; quick 60)"
     )
     parser.add_argument("--rounds", type=int, help="rounds (default 9; quick 5)")
     parser.add_argument(
@@ -328,7 +328,7 @@ def main() -> None:
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
-    per_process = args.events or (40 if args.quick else 400)
+    per_process = args.events or (60 if args.quick else 400)
     rounds = args.rounds or (5 if args.quick else 9)
     names = [n for n in APPROACHES if not args.approach or n in args.approach or n == "bare"]
     call_command("migrate", verbosity=0)

@@ -40,6 +40,7 @@ ROWS = (
     ("place", "pool child: the business statements (bench/workload.py place)"),
     ("commit", "pool child: COMMIT"),
     ("guard", "pool child: the guard (claim, checks) / the unguarded task's own atomic()"),
+    ("statement", "  of which the claim's statement (its round trip included)"),
     ("connections", "pool child: Django connection handling (task_prerun/postrun)"),
     ("tracing", "pool child: Celery tracing around the task"),
     ("pool", "pool child: billiard's loop (the task in, the result out)"),
@@ -69,6 +70,13 @@ class Profile:
         return sum(entry[2] for func, entry in self.entries.items() if match(func))
 
 
+#: The claim statements of idempotency/inbox/statements.py (one of them runs per claim).
+STATEMENTS = ("insert_select", "insert_returning", "insert_on_duplicate", "get_or_create")
+#: Functions of the guard listed under the table (by cumulative time per task).
+GUARD_PACKAGE = "/idempotency/"
+TOP = 10
+
+
 def analyse(directory: Path) -> dict[str, Any]:
     """Seconds per part over the run, and the tasks the child ran, from one worker's files."""
     children = sorted(directory.glob("child-*.prof"))
@@ -81,12 +89,23 @@ def analyse(directory: Path) -> dict[str, Any]:
     task, trace = child.cumulative(*TASK), child.cumulative(*TRACE)
     connections = sum(child.cumulative(*c) for c in CONNECTIONS)
     idle_child = child.own(lambda f: _label(f) in IDLE)
+    # Own and cumulative seconds: the guard's own Python is small; most of its time is spent in
+    # what it calls (Django's cursor, psycopg's round trip, the commit).
+    guard_functions = {
+        f"{Path(file).parent.name}/{Path(file).name}:{line} {name}": [entry[2], entry[3]]
+        for (file, line, name), entry in child.entries.items()
+        if GUARD_PACKAGE in file
+    }
     return {
         "tasks": tasks,
+        "guard_functions": guard_functions,
         "seconds": {
             "place": place,
             "commit": commit,
             "guard": task - place - commit,
+            "statement": sum(
+                child.cumulative("idempotency/inbox/statements.py", n) for n in STATEMENTS
+            ),
             "connections": connections,
             "tracing": trace - task - connections,
             "pool": child.cumulative(*LOOP) - trace - idle_child,
@@ -105,10 +124,29 @@ def analyse(directory: Path) -> dict[str, Any]:
     }
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several profiled runs of one task as one: seconds and tasks summed, the mean rate."""
+    merged: dict[str, Any] = {"tasks": 0, "seconds": {}, "guard_functions": {}, "wall": 0.0}
+    for run in runs:
+        merged["tasks"] += run["tasks"]
+        merged["wall"] += run["tasks"] / run["rate"]
+        for part in ("seconds", "guard_functions"):
+            for key, value in run[part].items():
+                if isinstance(value, list):
+                    before = merged[part].get(key, [0.0] * len(value))
+                    merged[part][key] = [a + b for a, b in zip(before, value, strict=True)]
+                else:
+                    merged[part][key] = merged[part].get(key, 0.0) + value
+    merged["rate"] = merged["tasks"] / merged["wall"]
+    merged["runs"] = len(runs)
+    return merged
+
+
 def per_task(run: dict[str, Any]) -> dict[str, float]:
     """Milliseconds per task for each row."""
     ms = {key: 1000 * value / run["tasks"] for key, value in run["seconds"].items()}
     ms["wall"] = 1000 / run["rate"]
+    ms.setdefault("statement", 0.0)
     child = sum(ms[k] for k in ("place", "commit", "guard", "connections", "tracing", "pool"))
     ms["handoff"] = ms["wall"] - child
     return ms
@@ -124,4 +162,24 @@ def table(runs: dict[str, Any]) -> list[str]:
     for key, label in ROWS:
         a, b = unguarded[key], guarded[key]
         lines.append(f"| {label} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    functions = guarded_top(runs["guarded"])
+    if functions:
+        lines += [
+            "",
+            "The guarded task's functions of idempotency/ with the most cumulative time (what "
+            "they call included; the outer ones contain the business transaction):",
+            "",
+            "| function | cumulative ms per task | own ms per task |",
+            "|---|---:|---:|",
+            *(f"| `{name}` | {cum:.3f} | {own:.3f} |" for name, own, cum in functions),
+        ]
     return lines
+
+
+def guarded_top(run: dict[str, Any]) -> list[tuple[str, float, float]]:
+    tasks = run["tasks"]
+    rows = [
+        (name, 1000 * own / tasks, 1000 * cum / tasks)
+        for name, (own, cum) in run.get("guard_functions", {}).items()
+    ]
+    return sorted(rows, key=lambda row: -row[2])[:TOP]
