@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument(
         "--pairs",
         type=int,
-        help="pairs of runs per cell (default 5, half for embedded and sqs; quick 2)",
+        help="pairs of runs per cell (default 5, half for embedded and sqs; quick 1)",
     )
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument(
@@ -303,7 +303,7 @@ def main() -> None:
             BROKERS["sqs"] = stack.enter_context(local_sqs())
         tasks = args.tasks or (100 if args.quick else 500)
         results, ratios = measure(
-            args.pairs or (2 if args.quick else 5), tasks, (1, 2), brokers, quick=args.quick
+            args.pairs or (1 if args.quick else 5), tasks, (1, 2), brokers, quick=args.quick
         )
         measured_with = {role: found[0]["settings"] for role, found in reports.items()}
         profiles = profile(args.profile or [], tasks, 1 if args.quick else 2)
