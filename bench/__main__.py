@@ -62,6 +62,8 @@ class Section:
     args: list[str] = field(default_factory=list)
     #: Whether the module writes ``--json``.
     json: bool = True
+    #: Whether a smoke run (--quick) runs it too.
+    quick: bool = True
     #: The section's lines (its title excluded); by default the module's stdout.
     render: Callable[[Result], list[str]] = lambda result: [result.stdout.strip()]
 
@@ -294,6 +296,25 @@ the tasks: mostly broker I/O, which the child's work does not wait for except at
 """
 
 
+def embedded_section(result: Result) -> list[str]:
+    run = result.data
+    return [
+        "The example service as `make run` starts it (scripts/run.sh: SQLite, the embedded "
+        "broker, a worker, the relay, the web server; the example's settings, so "
+        "`RECORD_DUPLICATES` on, which this measure needs to count the duplicates discarded), "
+        f"{run['events']} PlaceOrder events and {run['duplicates']} duplicates posted through "
+        f"the API by {run['clients']} clients at once (bench/embedded.py). Applied: every "
+        "event once and every duplicate discarded, counted from the first POST.",
+        "",
+        "| transport | polling interval | deliveries | posted/s | applied/s | "
+        "last applied after the last POST |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| `{run['transport']}` | {run['polling_interval']} s | "
+        f"{run['events'] + run['duplicates']} | {run['posted_per_second']:.1f} | "
+        f"{run['applied_per_second']:.1f} | {run['lag_seconds']:.1f} s |",
+    ]
+
+
 def claim_section(result: Result) -> list[str]:
     return [CLAIM_TEXT, result.stdout.strip()]
 
@@ -306,6 +327,12 @@ SECTIONS: list[Section] = [
     Section(
         "e2e", "Celery end to end", "bench.celery_e2e",
         args=["--profile", "rabbitmq", "--profile", "redis"], render=e2e_section,
+    ),
+    # The service's start-up takes most of a minute: a smoke run leaves it out (the Celery
+    # section still runs the embedded broker).
+    Section(
+        "embedded", "The embedded default, end to end", "bench.embedded",
+        render=embedded_section, quick=False,
     ),
     # The reference strategies (one DELETE, pk IN (...)) are for `make bench-purge`: they would
     # take this run past its time.
@@ -341,7 +368,8 @@ def main() -> None:
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     results: dict[str, Result] = {}
     timings: dict[str, float] = {}
-    for section in SECTIONS:
+    sections = [section for section in SECTIONS if section.quick or not args.quick]
+    for section in sections:
         path = scratch / f"{section.key}.json"
         extra = ["--json", str(path)] if section.json else []
         begun = time.monotonic()
@@ -387,7 +415,7 @@ def main() -> None:
         "",
         *summary(claim, e2e),
     ]
-    for section in SECTIONS:
+    for section in sections:
         report += ["", f"## {section.title}", "", *section.render(results[section.key])]
     report += ["", "![throughput per approach](benchmarks.png)", ""]
     (out_dir / "benchmarks.md").write_text("\n".join(report))

@@ -9,6 +9,10 @@ relay, the web server) in a fresh directory, posts the events through the API fr
 clients at once, and measures how soon the worker has applied every delivery: each event once,
 each duplicate discarded. The rate is deliveries over the span from the first POST to the last
 delivery handled.
+
+It measures the example service as `make run` starts it, so with the example's settings (not
+bench/settings.py): ``RECORD_DUPLICATES`` on, which it needs to count the duplicates discarded,
+and DEBUG off (a ``DJANGO_DEBUG`` in the environment is not passed on).
 """
 
 from __future__ import annotations
@@ -80,7 +84,9 @@ def handled(database: Path) -> tuple[int, int]:
 def measure(events: int, duplicates: int, clients: int, timeout: float) -> dict[str, float]:
     var = Path(tempfile.mkdtemp(prefix="bench-embedded-"))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL"}}
+    # The example's own settings module, not a benchmark's (python -m bench sets bench.settings).
+    dropped = {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE", "DJANGO_DEBUG"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(VAR_DIR=str(var), PORT=str(port), IDEMPOTENCY_LOG_LEVEL="WARNING")
     log = (var / "run.log").open("wb")
     server = subprocess.Popen(
@@ -169,15 +175,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--events", type=int, default=300, help="distinct events (300)")
+    parser.add_argument("--events", type=int, help="distinct events (300; quick 40)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 40 events")
+    parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--duplicates", type=int, help="events posted twice (half of --events)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before giving up")
     args = parser.parse_args()
+    args.events = args.events or (40 if args.quick else 300)
     duplicates = args.events // 2 if args.duplicates is None else args.duplicates
     result = measure(args.events, duplicates, args.clients, args.timeout)
     transport = os.environ.get("CELERY_EMBEDDED_TRANSPORT", "project.embedded_broker:Transport")
     polling = os.environ.get("CELERY_POLLING_INTERVAL", "0.05")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "events": args.events,
+                    "duplicates": duplicates,
+                    "clients": args.clients,
+                    "transport": transport,
+                    "polling_interval": polling,
+                    **result,
+                },
+                indent=1,
+            )
+        )
     print(
         f"{args.events} events + {duplicates} duplicates, {args.clients} clients, transport "
         f"{transport}, polling interval {polling} s: posted in {result['post_seconds']:.1f} s "
