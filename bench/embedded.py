@@ -1,10 +1,10 @@
 """Events applied per second on the embedded defaults, as a user trying the service sees it.
 
     python -m bench.embedded                       # 300 PlaceOrder + 150 duplicates, 8 clients
-    CELERY_EMBEDDED_TRANSPORT=filesystem CELERY_POLLING_INTERVAL=1 python -m bench.embedded
-                                                   # kombu's transport as it comes
+    CELERY_EMBEDDED_TRANSPORT=filesystem CELERY_POLLING_INTERVAL=1 \
+        python -m bench.embedded --broker-url filesystem://   # kombu's transport as it comes
 
-It starts scripts/run.sh (what `make run` runs: SQLite, kombu's filesystem broker, a worker, the
+It starts scripts/run.sh (what `make run` runs: SQLite, the embedded broker, a worker, the
 relay, the web server) in a fresh directory, posts the events through the API from several
 clients at once, and measures how soon the worker has applied every delivery: each event once,
 each duplicate discarded. The rate is deliveries over the span from the first POST to the last
@@ -81,13 +81,18 @@ def handled(database: Path) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def measure(events: int, duplicates: int, clients: int, timeout: float) -> dict[str, float]:
+def measure(
+    events: int, duplicates: int, clients: int, timeout: float, broker_url: str
+) -> dict[str, float]:
     var = Path(tempfile.mkdtemp(prefix="bench-embedded-"))
     port = free_port()
     # The example's own settings module, not a benchmark's (python -m bench sets bench.settings).
     dropped = {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE", "DJANGO_DEBUG"}
     env = {k: v for k, v in os.environ.items() if k not in dropped}
-    env.update(VAR_DIR=str(var), PORT=str(port), IDEMPOTENCY_LOG_LEVEL="WARNING")
+    env.update(
+        VAR_DIR=str(var), PORT=str(port), IDEMPOTENCY_LOG_LEVEL="WARNING",
+        CELERY_BROKER_URL=broker_url,
+    )  # fmt: skip
     log = (var / "run.log").open("wb")
     server = subprocess.Popen(
         ["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -181,11 +186,23 @@ def main() -> None:
     parser.add_argument("--duplicates", type=int, help="events posted twice (half of --events)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before giving up")
+    parser.add_argument(
+        "--broker-url",
+        default="embedded://",
+        help="embedded:// (project/embedded_broker.py, the default), or filesystem:// with the "
+        "transport CELERY_EMBEDDED_TRANSPORT names",
+    )
     args = parser.parse_args()
     args.events = args.events or (40 if args.quick else 300)
     duplicates = args.events // 2 if args.duplicates is None else args.duplicates
-    result = measure(args.events, duplicates, args.clients, args.timeout)
-    transport = os.environ.get("CELERY_EMBEDDED_TRANSPORT", "project.embedded_broker:Transport")
+    result = measure(args.events, duplicates, args.clients, args.timeout, args.broker_url)
+    # What the URL selects (project/settings.py): embedded:// its own transport, filesystem://
+    # the one CELERY_EMBEDDED_TRANSPORT names.
+    transport = (
+        "project.embedded_broker:Transport"
+        if args.broker_url.startswith("embedded://")
+        else os.environ.get("CELERY_EMBEDDED_TRANSPORT", "project.embedded_broker:Transport")
+    )
     polling = os.environ.get("CELERY_POLLING_INTERVAL", "0.05")
     if args.json:
         Path(args.json).write_text(
@@ -194,6 +211,7 @@ def main() -> None:
                     "events": args.events,
                     "duplicates": duplicates,
                     "clients": args.clients,
+                    "broker_url": args.broker_url,
                     "transport": transport,
                     "polling_interval": polling,
                     **result,
@@ -202,8 +220,9 @@ def main() -> None:
             )
         )
     print(
-        f"{args.events} events + {duplicates} duplicates, {args.clients} clients, transport "
-        f"{transport}, polling interval {polling} s: posted in {result['post_seconds']:.1f} s "
+        f"{args.events} events + {duplicates} duplicates, {args.clients} clients, broker "
+        f"{args.broker_url}, polling interval {polling} s: "
+        f"posted in {result['post_seconds']:.1f} s "
         f"({result['posted_per_second']:.1f}/s); all applied {result['apply_seconds']:.1f} s "
         f"after the first POST ({result['applied_per_second']:.1f} deliveries/s), "
         f"{result['lag_seconds']:.1f} s after the last"

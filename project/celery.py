@@ -7,7 +7,12 @@ from typing import Any
 
 from celery import Celery, signals
 
+from project import embedded_broker
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+# embedded:// (the default CELERY_BROKER_URL) names project/embedded_broker.py's transport in
+# every process that publishes or consumes: the web server, the worker, the relay.
+embedded_broker.register()
 
 app = Celery("project")
 app.config_from_object("django.conf:settings", namespace="CELERY")

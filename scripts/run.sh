@@ -18,7 +18,7 @@ $BIN/python manage.py collectstatic --noinput --verbosity 0
 
 # -B: the worker also runs Celery beat (the daily purge, from the admin's periodic tasks).
 worker_args=(--loglevel=INFO --concurrency="${WORKER_CONCURRENCY:-2}" -B)
-if [[ "${CELERY_BROKER_URL:-filesystem://}" == filesystem://* ]]; then
+if [[ "${CELERY_BROKER_URL:-embedded://}" == embedded://* || "${CELERY_BROKER_URL:-}" == filesystem://* ]]; then
   # The embedded broker has no broadcast peers to synchronise with.
   worker_args+=(--without-gossip --without-mingle)
 fi

@@ -270,21 +270,15 @@ def producing_to(url: str, connect_timeout: float = 1) -> Iterator[None]:
             current_app._pool = None
         current_app.amqp._producer_pool = None
 
-    # On the embedded defaults the settings also name the filesystem transport (under its
-    # CELERY_ name, which wins), and it would win over the scheme of *url*.
-    keys = (
-        "broker_write_url",
-        "broker_transport_options",
-        "broker_connection_timeout",
-        "CELERY_BROKER_TRANSPORT",
-    )
+    # The transport follows the scheme of *url*: the embedded default's has a scheme of its
+    # own (embedded://), so no setting names a transport that would win over it.
+    keys = ("broker_write_url", "broker_transport_options", "broker_connection_timeout")
     saved = {key: current_app.conf.get(key) for key in keys}
     reset()
     current_app.conf.update(
         broker_write_url=url,
         broker_transport_options={},
         broker_connection_timeout=connect_timeout,
-        CELERY_BROKER_TRANSPORT=None,
     )
     try:
         yield

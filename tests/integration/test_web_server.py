@@ -72,7 +72,7 @@ def gunicorn(tmp_path: Path, **extra_env: str) -> Iterator[Server]:
         **{k: v for k, v in os.environ.items() if k not in {"DJANGO_DEBUG", "DJANGO_WEB_PROCESS"}},
         "DATABASE_URL": database_url(),
         "VAR_DIR": str(tmp_path),
-        "CELERY_BROKER_URL": "filesystem://",
+        "CELERY_BROKER_URL": "embedded://",
         "DJANGO_SECRET_KEY": "test-web-server",
         "WEB_THREADS": str(THREADS),
         "DJANGO_DB_POOL_TIMEOUT": "2",

@@ -49,10 +49,9 @@ def producing_to(url: str) -> Iterator[None]:
         outbox.publisher.reset()
 
     # The project's settings reach Celery under their CELERY_ names, which win over the plain
-    # ones: the transport options must be replaced under that name.
-    # On the embedded defaults the settings also name the filesystem transport, which would
-    # win over the scheme of *url*.
-    keys = ("broker_write_url", "CELERY_BROKER_TRANSPORT_OPTIONS", "CELERY_BROKER_TRANSPORT")
+    # ones: the transport options must be replaced under that name. The transport follows the
+    # scheme of *url* (the embedded default's has a scheme of its own, embedded://).
+    keys = ("broker_write_url", "CELERY_BROKER_TRANSPORT_OPTIONS")
     saved = {key: current_app.conf.get(key) for key in keys}
     reset()
     options = {"confirm_publish": True} if url.startswith("amqp") else {}
@@ -60,7 +59,6 @@ def producing_to(url: str) -> Iterator[None]:
         {
             "broker_write_url": url,
             "CELERY_BROKER_TRANSPORT_OPTIONS": options,
-            "CELERY_BROKER_TRANSPORT": None,
         }
     )
     assert current_app.conf.broker_transport_options == options
