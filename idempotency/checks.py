@@ -1,6 +1,6 @@
 """System checks, namespaced ``idempotency.E00x`` / ``idempotency.W00x``. Ids are never reused.
 
-In use: E001-E010, W001-W007.
+In use: E001-E011, W001-W007.
 """
 
 from __future__ import annotations
@@ -542,3 +542,88 @@ def check_reconciler(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
             )
         )
     return messages
+
+
+# --- Columns that hold ids: E011 ------------------------------------------------------------
+
+#: Pairs of values an exact column must tell apart: case, accents, trailing spaces.
+_INEXACT_PAIRS = (("ABC", "abc"), ("e", "\u00e9"), ("abc", "abc "))
+
+
+@register("idempotency", Tags.database)
+def check_exact_columns(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """On MariaDB/MySQL, a column of an ExactCharField whose collation equates distinct ids.
+
+    Its unique index then takes event ``abc`` for a duplicate of ``ABC`` (or of ``"abc "``)
+    and the second event is discarded unapplied. The migrations give these columns a binary
+    collation; this catches a table created or altered outside them.
+    """
+    if not databases:
+        return []  # a database check: run by migrate and by check --database
+    from django.apps import apps
+    from django.db import connections, router
+    from django.db.migrations.loader import MigrationLoader
+
+    from .fields import ExactCharField, exact_collation
+
+    messages: list[CheckMessage] = []
+    for alias in databases:
+        connection = connections[alias]
+        if not exact_collation(connection):
+            continue
+        fields = [
+            (model, field)
+            for model in apps.get_models()
+            if router.allow_migrate_model(alias, model)
+            for field in model._meta.local_concrete_fields
+            if isinstance(field, ExactCharField) and not getattr(field, "db_collation", None)
+        ]
+        if not fields:
+            continue
+        loader = MigrationLoader(connection, ignore_no_migrations=True)
+        # An app with a migration still to apply is left alone: migrate runs this check before
+        # migrating, and the pending migration may be the one that sets the collation.
+        pending = {
+            app for app, _name in set(loader.disk_migrations) - set(loader.applied_migrations or ())
+        }
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT table_name, column_name, character_set_name, collation_name "
+                "FROM information_schema.columns WHERE table_schema = DATABASE()"
+            )
+            columns = {(table, column): (cs, co) for table, column, cs, co in cursor.fetchall()}
+            for model, field in fields:
+                found = columns.get((model._meta.db_table, field.column))
+                if model._meta.app_label in pending or not found or not all(found):
+                    continue
+                charset, collation = found
+                if _compares_exactly(cursor, charset, collation):
+                    continue
+                messages.append(
+                    Error(
+                        f"{model._meta.db_table}.{field.column} in database {alias!r} has the "
+                        f"collation {collation}, which takes ids that differ in case, accents "
+                        "or trailing spaces for one: its unique index discards the second "
+                        "event as a duplicate of the first.",
+                        hint=f"ALTER TABLE {model._meta.db_table} MODIFY {field.column} "
+                        f"{field.db_type(connection)} COLLATE {exact_collation(connection)}"
+                        f"{'' if field.null else ' NOT NULL'} (what the app's migrations do; "
+                        "see docs/databases.md).",
+                        obj=model,
+                        id="idempotency.E011",
+                    )
+                )
+    return messages
+
+
+def _compares_exactly(cursor: Any, charset: str, collation: str) -> bool:
+    if not (charset.replace("_", "").isalnum() and collation.replace("_", "").isalnum()):
+        return False  # (names from information_schema; never interpolate anything else)
+    tests = ", ".join(
+        f"CONVERT(%s USING {charset}) COLLATE {collation} = CONVERT(%s USING {charset})"
+        for _ in _INEXACT_PAIRS
+    )
+    cursor.execute(f"SELECT {tests}", [value for pair in _INEXACT_PAIRS for value in pair])
+    return not any(cursor.fetchone())

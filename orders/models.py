@@ -8,10 +8,11 @@ from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
 from idempotency.entities import EventKeyedModel
+from idempotency.fields import ExactCharField
 
 
 class Product(models.Model):
-    product_id = models.CharField(_("product id"), max_length=64, unique=True)
+    product_id = ExactCharField(_("product id"), max_length=64, unique=True)
     name = models.CharField(_("name"), max_length=200)
     price = models.DecimalField(
         _("price"), max_digits=12, decimal_places=2, validators=[MinValueValidator(Decimal(0))]
@@ -30,7 +31,7 @@ class Product(models.Model):
 
 
 class Customer(models.Model):
-    customer_id = models.CharField(_("customer id"), max_length=64, unique=True)
+    customer_id = ExactCharField(_("customer id"), max_length=64, unique=True)
     name = models.CharField(_("name"), max_length=200, blank=True)
     #: Where an accepted order's confirmation goes; none is sent without one.
     email = models.EmailField(_("email"), blank=True)
@@ -63,7 +64,7 @@ class Order(EventKeyedModel):
     #: The currency of every price, total and payment in the example.
     CURRENCY = "USD"
 
-    order_id = models.CharField(_("order id"), max_length=64, unique=True)
+    order_id = ExactCharField(_("order id"), max_length=64, unique=True)
     customer = models.ForeignKey(
         Customer, on_delete=models.PROTECT, related_name="orders", null=True, blank=True
     )
@@ -112,7 +113,7 @@ class Payment(EventKeyedModel):
     """
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="payments")
-    payment_id = models.CharField(_("payment id"), max_length=64)
+    payment_id = ExactCharField(_("payment id"), max_length=64)
     amount = models.DecimalField(_("amount"), max_digits=12, decimal_places=2)
     currency = models.CharField(_("currency"), max_length=3)
     received_at = models.DateTimeField(_("received at"), auto_now_add=True)
@@ -176,7 +177,7 @@ class ConfirmationEmail(EventKeyedModel):
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="confirmations")
     recipient = models.EmailField(_("recipient"))
-    message_id = models.CharField(_("Message-ID"), max_length=255, unique=True)
+    message_id = ExactCharField(_("Message-ID"), max_length=255, unique=True)
     sent_at = models.DateTimeField(_("sent at"), db_default=Now())
 
     class Meta:

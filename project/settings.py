@@ -145,9 +145,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
 
         pymysql.install_as_MySQLdb()
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("charset", "utf8mb4")
-    # Event ids and consumer names must compare byte for byte: under the server's default
-    # case-insensitive collation "abc" would be taken for a duplicate of "ABC" (docs/versions.md).
-    DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_bin"}
+    # The test database takes the server's default collation (case-insensitive), as a user's
+    # does: the columns that hold ids carry a binary collation of their own
+    # (idempotency/fields.py), and the tests prove that "abc" is not a duplicate of "ABC".
+    DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth, i18n, static ---------------------------------------------------------------------

@@ -10,6 +10,8 @@ from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from ..fields import ExactCharField
+
 
 class DeadLetterQuerySet(models.QuerySet["DeadLetter"]):
     def pending(self) -> DeadLetterQuerySet:
@@ -111,7 +113,7 @@ class DeliveryAttempt(models.Model):
     counts. Past ``DELIVERY_LIMIT`` the message is dead-lettered instead of run again.
     """
 
-    task_id = models.CharField(_("task id"), max_length=255, unique=True)
+    task_id = ExactCharField(_("task id"), max_length=255, unique=True)
     task_name = models.CharField(_("task"), max_length=200, blank=True)
     event_id = models.CharField(_("event id"), max_length=255, blank=True)
     deliveries = models.PositiveIntegerField(_("deliveries"), default=1)

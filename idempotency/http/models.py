@@ -10,6 +10,8 @@ from django.db import DEFAULT_DB_ALIAS, models, router, transaction
 from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
+from ..fields import ExactCharField
+
 
 class KeyState(models.TextChoices):
     IN_PROGRESS = "in_progress", _("in progress")
@@ -76,13 +78,13 @@ class IdempotencyKey(models.Model):
     the response in the view's own transaction. See ``idempotency.http``.
     """
 
-    owner = models.CharField(
+    owner = ExactCharField(
         _("owner"), max_length=OWNER_LENGTH, help_text=_("Whom the key belongs to (the user's pk).")
     )
-    endpoint = models.CharField(
+    endpoint = ExactCharField(
         _("endpoint"), max_length=ENDPOINT_LENGTH, help_text=_("The HTTP method and URL route.")
     )
-    key = models.CharField(_("idempotency key"), max_length=255)
+    key = ExactCharField(_("idempotency key"), max_length=255)
     fingerprint = models.CharField(
         _("request fingerprint"),
         max_length=64,

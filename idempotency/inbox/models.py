@@ -12,6 +12,7 @@ from django.utils.translation import gettext_lazy as _
 
 from .. import signals
 from ..conf import app_settings
+from ..fields import ExactCharField
 from .retention import (
     PurgeBatch,
     _batch_transaction,
@@ -127,8 +128,8 @@ class ProcessedEvent(models.Model):
     when the effect does.
     """
 
-    consumer = models.CharField(_("consumer"), max_length=200)
-    event_id = models.CharField(_("event id"), max_length=255)
+    consumer = ExactCharField(_("consumer"), max_length=200)
+    event_id = ExactCharField(_("event id"), max_length=255)
     # The database's clock, not the claiming process's: a purge compares it with the database's
     # clock too, so a worker whose clock is behind cannot have a fresh record purged.
     processed_at = models.DateTimeField(_("processed at"), db_default=Now())
