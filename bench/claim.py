@@ -406,7 +406,7 @@ def main() -> None:
     for name, statements in queries.items():
         print(f"* {name}: {len(statements)}")
     print()
-    print(f"Duplicate path, library defaults ({len(queries[DUPLICATE])} statements):")
+    print(f"Duplicate path, with the settings measured ({len(queries[DUPLICATE])} statements):")
     print()
     for sql in queries[DUPLICATE]:
         print(f"    {sql[:140]}")
