@@ -46,7 +46,7 @@ SHAPE = {
     "consumer": "({consumers}::text[])[1 + mod(g, {n_consumers})]",
     "event_id": "gen_random_uuid()::text",
     "processed_at": "{at}",
-    "fingerprint": "encode(sha256(('event-' || g)::bytea), 'hex')",
+    "fingerprint": "sha256(('event-' || g)::bytea)",
     "result": ("jsonb_build_object('orderId', 'ORD-' || g, 'status', 'accepted', 'reason', '')"),
 }
 

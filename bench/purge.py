@@ -50,14 +50,14 @@ def sql(statement: str, params: list[object] | None = None) -> list[tuple[object
 SHAPES = {
     # fingerprint and result as the orders example writes them; payloads not stored (default)
     "default": (
-        "encode(sha256(g::text::bytea), 'hex')",
+        "sha256(g::text::bytea)",
         RESULT := """jsonb_build_object(
         'orderId', 'ORD-' || g, 'status', 'accepted', 'reason', '')""",
         "NULL",
     ),
-    "minimal": ("''", "NULL", "NULL"),
+    "minimal": ("''::bytea", "NULL", "NULL"),
     "stored payloads": (
-        "encode(sha256(g::text::bytea), 'hex')",
+        "sha256(g::text::bytea)",
         RESULT,
         """jsonb_build_object('eventType', 'PlaceOrder', 'eventId', gen_random_uuid(),
         'orderId', 'ORD-' || g, 'customerId', 'CUST-' || (g %% 1000),
@@ -84,7 +84,7 @@ def fill(rows: int, now: datetime, shape: str = "default") -> int:
                     ELSE %s::timestamptz - interval '29 days'
                          + ((g - %s) * interval '29 days') / %s
                END,
-               'processed', '', {fingerprint}, '', {result}, {payload}, 0
+               'processed', '', {fingerprint}, ''::bytea, {result}, {payload}, 0
         FROM generate_series(1, %s) AS g
         """,
         [CONSUMERS, len(CONSUMERS), expired, now, expired, now, expired, rows - expired, rows],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DEFAULT_DB_ALIAS, models, router
@@ -20,6 +21,39 @@ from .retention import (
     _sweep_span,
     retention_cutoffs,
 )
+
+
+class DigestField(models.BinaryField):
+    """A SHA-256 digest stored as its 32 raw bytes (33 on disk, against 65 as hex text), read
+    and written as the 64-character hex string the rest of the app uses; ``""`` is no digest.
+
+    Lookups take the hex string too: ``filter(fingerprint="ab12...")``, ``exclude(
+    mismatch_fingerprint="")``.
+    """
+
+    def _check_str_default_value(self) -> list[Any]:
+        return []  # the default is the hex form, "" (no digest), as every value of the field
+
+    def get_prep_value(self, value: Any) -> Any:
+        value = super().get_prep_value(value)
+        if value is None or isinstance(value, bytes | bytearray | memoryview):
+            return value
+        return bytes.fromhex(value)
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        return bytes(value).hex()
+
+    def to_python(self, value: Any) -> Any:
+        # A hex string as the model holds it (BinaryField would read a string as base64).
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value).hex()
+        return value
+
+    def value_to_string(self, obj: models.Model) -> str:
+        value: str = self.value_from_object(obj)
+        return value
 
 
 class Outcome(models.TextChoices):
@@ -137,17 +171,17 @@ class ProcessedEvent(models.Model):
         _("outcome"), max_length=16, choices=Outcome.choices, default=Outcome.PROCESSED
     )
     reason = models.TextField(_("reason"), blank=True, default="")
-    fingerprint = models.CharField(
+    fingerprint = DigestField(
         _("payload fingerprint"),
-        max_length=64,
+        max_length=32,
         blank=True,
         default="",
         help_text=_("SHA-256 of the canonical JSON payload of the first delivery."),
     )
     result = models.JSONField(_("result"), null=True, blank=True, encoder=DjangoJSONEncoder)
-    mismatch_fingerprint = models.CharField(
+    mismatch_fingerprint = DigestField(
         _("mismatched fingerprint"),
-        max_length=64,
+        max_length=32,
         blank=True,
         default="",
         help_text=_("Fingerprint of the last delivery that reused this id with another payload."),

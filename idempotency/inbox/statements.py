@@ -55,9 +55,13 @@ _INSERT_FIELDS = (
 _INSERT_LITERALS = {
     "outcome": f"'{Outcome.PROCESSED.value}'",
     "reason": "''",
-    "mismatch_fingerprint": "''",
+    "mismatch_fingerprint": "{empty_bytes}",
     "duplicate_count": "0",
 }
+
+#: An empty byte string, the stored form of "no fingerprint" (``DigestField``), per vendor:
+#: PostgreSQL reads X'' as a bit string.
+_EMPTY_BYTES = {"postgresql": "''::bytea"}
 
 #: What a claim's *defaults* may set: everything else in a new record is a constant.
 _DEFAULT_KEYS = frozenset({"fingerprint", "payload"})
@@ -110,8 +114,11 @@ def _attnames() -> list[str]:
     return [f.attname for f in _fields()]
 
 
-def _placeholders() -> str:
-    return ", ".join(_INSERT_LITERALS.get(name, "%s") for name in _INSERT_FIELDS)
+def _placeholders(vendor: str) -> str:
+    empty = _EMPTY_BYTES.get(vendor, "X''")
+    return ", ".join(
+        _INSERT_LITERALS.get(name, "%s").format(empty_bytes=empty) for name in _INSERT_FIELDS
+    )
 
 
 @lru_cache(maxsize=4)
@@ -121,7 +128,7 @@ def _sql(vendor: str) -> dict[str, str]:
     columns = ", ".join(_quoted(name) for name in _INSERT_FIELDS)
     every = ", ".join(f'"{f.column}"' for f in _fields())
     insert = (
-        f"INSERT INTO {table} ({columns}) VALUES ({_placeholders()}) "
+        f"INSERT INTO {table} ({columns}) VALUES ({_placeholders(vendor)}) "
         f"ON CONFLICT ({_quoted('event_id')}, {_quoted('consumer')}) DO NOTHING"
     )
     select = (
@@ -181,7 +188,9 @@ def _params(using: str, consumer: str, event_id: str, defaults: Mapping[str, Any
     payload = defaults.get("payload")
     if payload is not None:  # the only value that needs the field's preparation (JSON)
         payload = _field("payload").get_db_prep_save(payload, connections[using])
-    return [consumer, event_id, defaults.get("fingerprint", ""), payload]
+    # The fingerprint's stored form, its raw bytes (DigestField), as bytes: every driver sends
+    # those as binary.
+    return [consumer, event_id, bytes.fromhex(defaults.get("fingerprint", "")), payload]
 
 
 def _new_record(
@@ -267,7 +276,7 @@ def _mysql_sql() -> dict[str, str]:
     pk = quote(_field("id").column)
     return {
         # A no-op update: the duplicate row is locked and left as it is.
-        "insert": f"INSERT INTO {table} ({columns}) VALUES ({_placeholders()}) "
+        "insert": f"INSERT INTO {table} ({columns}) VALUES ({_placeholders('mysql')}) "
         f"ON DUPLICATE KEY UPDATE {pk} = {pk}",
         "select": f"SELECT {every} FROM {table} "
         f"WHERE {quote(_field('consumer').column)} = %s "
