@@ -333,6 +333,8 @@ def main() -> None:
     print()
     print(f"Storage, {storage_rows:,} records after VACUUM (bytes per record)")
     print()
+    print("The options that make a record smaller, measured: [Storage per record](storage.md).")
+    print()
     print("| record shape | heap | TOAST | indexes | total | total MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for shape, heap, toast, indexes, total in storage(storage_rows):
