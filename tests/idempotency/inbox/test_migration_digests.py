@@ -1,4 +1,4 @@
-"""Migration 0007: the inbox's fingerprints move from hex text to raw bytes, values kept."""
+"""Migration 0008: the inbox's fingerprints move from hex text to raw bytes, values kept."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from django.db.migrations.executor import MigrationExecutor
 
 from idempotency.models import ProcessedEvent
 
-BEFORE = [("idempotency", "0006_outbox_reconciler")]
-AFTER = [("idempotency", "0007_fingerprints_as_bytes")]
+BEFORE = [("idempotency", "0007_exact_collation_on_mysql")]
+AFTER = [("idempotency", "0008_fingerprints_as_bytes")]
 TABLE = ProcessedEvent._meta.db_table
 STORED = "ab" * 32
 MISMATCHED = "0123456789abcdef" * 4

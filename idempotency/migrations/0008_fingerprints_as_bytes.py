@@ -82,7 +82,7 @@ class StoreDigestAsBytes(migrations.AlterField):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("idempotency", "0006_outbox_reconciler"),
+        ("idempotency", "0007_exact_collation_on_mysql"),
     ]
 
     operations = [
