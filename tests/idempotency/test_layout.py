@@ -198,6 +198,7 @@ SHARED = (
     "exceptions",
     "extras",
     "faces",
+    "fields",
     "fingerprint",
     "keys",
     "metrics",
