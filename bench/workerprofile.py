@@ -162,6 +162,24 @@ def table(runs: dict[str, Any]) -> list[str]:
     for key, label in ROWS:
         a, b = unguarded[key], guarded[key]
         lines.append(f"| {label} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    own = ("connections", "tracing", "pool", "handoff")
+    worker = {kind: sum(ms[k] for k in own) for kind, ms in (("u", unguarded), ("g", guarded))}
+    work = {
+        kind: sum(ms[k] for k in ("place", "commit", "guard"))
+        for kind, ms in (("u", unguarded), ("g", guarded))
+    }
+    lines += [
+        "",
+        f"Per task, the guard takes {guarded['guard']:.2f} ms ({guarded['statement']:.2f} ms "
+        f"of it the claim's statement) where the unguarded task's own atomic() takes "
+        f"{unguarded['guard']:.2f} ms ({guarded['guard'] - unguarded['guard']:+.2f} ms); the "
+        "transaction's own "
+        f"rows (statements, COMMIT, guard or atomic) total {work['u']:.2f} ms unguarded and "
+        f"{work['g']:.2f} ms guarded; the worker's own cost around a task (connection "
+        f"handling, tracing, billiard, hand-off) is {worker['u']:.2f} and {worker['g']:.2f} ms. "
+        "The other rows are the same work in both tasks: their differences are the run's "
+        "noise, which a ratio of the rates carries too.",
+    ]
     functions = guarded_top(runs["guarded"])
     if functions:
         lines += [
