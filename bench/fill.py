@@ -18,17 +18,13 @@ sets; every other column takes the model's default (``default=`` or ``db_default
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from datetime import datetime, timedelta
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-os.environ.setdefault("IDEMPOTENCY_LOG_LEVEL", "WARNING")
+from bench import runtime
 
-import django
-
-django.setup()
+runtime.setup()  # bench/settings.py: DEBUG off, the library's defaults
 
 from django.db import connection, models  # noqa: E402
 from django.utils import timezone  # noqa: E402
@@ -128,6 +124,7 @@ def main() -> None:
     )
     parser.add_argument("count", type=int, help="records to add")
     parser.add_argument("--truncate", action="store_true", help="empty the inbox first")
+    runtime.add_arguments(parser)
     args = parser.parse_args()
     with connection.cursor() as cursor:
         if args.truncate:

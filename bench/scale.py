@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -35,21 +34,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-os.environ.setdefault("IDEMPOTENCY_LOG_LEVEL", "WARNING")
-# The example project turns duplicate bookkeeping on; the library's default is off.
-os.environ.setdefault("IDEMPOTENCY_RECORD_DUPLICATES", "0")
+from bench import runtime
 
-import django
-
-django.setup()
+runtime.setup()  # bench/settings.py: DEBUG off, the library's defaults
 
 from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
-from django.db import connection  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
-from bench.fill import TABLE, fill  # noqa: E402
+from bench.fill import TABLE, fill, insert_statement  # noqa: E402
 from idempotency.conf import app_settings  # noqa: E402
 from idempotency.inbox import idempotent  # noqa: E402
 from idempotency.models import ProcessedEvent  # noqa: E402
@@ -108,6 +102,30 @@ def sizes() -> dict[str, int]:
     return {"heap": int(heap), "total": int(total), **{str(n): int(s) for n, s in rows}}
 
 
+def wal_per_insert(count: int, start: int) -> dict[str, float]:
+    """The WAL one new record's INSERT writes, full-page images included, as PostgreSQL
+    accounts it for that statement alone (the server is shared: its WAL position is not ours).
+
+    Measured after the claims: a B-tree page changed for the first time since the last
+    checkpoint is written whole to the WAL, and a random event id lands on a random leaf of the
+    unique index, so the larger the index the more of its inserts pay for a full page.
+    """
+    now = timezone.now()
+    statement, params = insert_statement(1, start, now, now)
+    records = fpi = wal = 0
+    with transaction.atomic():
+        for _ in range(count):
+            # The same record number each time: only its event id (random) must differ.
+            rows = sql(f"EXPLAIN (ANALYZE, WAL, FORMAT JSON) {statement}", params)
+            plan = rows[0][0]
+            plan = (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]
+            records += plan.get("WAL Records", 0)
+            fpi += plan.get("WAL FPI", 0)
+            wal += plan.get("WAL Bytes", 0)
+        transaction.set_rollback(True)
+    return {"bytes": wal / count, "fpi": fpi / count, "records": records / count}
+
+
 def measure_claims(size: int, blocks: int, per_block: int) -> dict[str, dict[str, Any]]:
     keys = random_keys(blocks * per_block + per_block)
     for key in keys[:per_block]:  # warm the connection and the statement path
@@ -159,6 +177,7 @@ def main() -> None:
     parser.add_argument("--per-block", type=int, default=400, help="claims per block (400)")
     parser.add_argument("--purged", type=int, default=2_000, help="records per purge (2,000)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    runtime.add_arguments(parser)
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
@@ -172,6 +191,7 @@ def main() -> None:
     blocks = args.blocks or (2 if args.quick else 6)
     purges = 3
     call_command("migrate", verbosity=0)
+    measured_with = runtime.describe()
     sql(f"TRUNCATE {TABLE} RESTART IDENTITY")
     # Warm the process up before the first size (imports, caches, the connection): otherwise
     # the smallest size, measured first, pays for it and flatters every larger one.
@@ -208,6 +228,12 @@ def main() -> None:
         print(f"{size:,} records ({filled:.0f} s to fill)", file=sys.stderr, flush=True)
         table = sizes()
         claims = measure_claims(size, blocks, args.per_block)
+        wal = wal_per_insert(200, next_g)
+        print(
+            f"  WAL of an INSERT: {wal['bytes']:,.0f} bytes, {wal['fpi']:.2f} full pages",
+            file=sys.stderr,
+            flush=True,
+        )
         purge_seconds = []
         for _ in range(purges):
             # "now" such that exactly the *purged* oldest records are past the retention.
@@ -238,6 +264,7 @@ def main() -> None:
                 "claims": claims,
                 "purge_seconds": purge_seconds,
                 "vacuum_seconds": vacuum,
+                "wal": wal,
                 "fill_seconds": filled,
             }
         )
@@ -247,10 +274,10 @@ def main() -> None:
     print(
         f"One process; {blocks} blocks of {args.per_block} claims per path and size, "
         f"alternating; purges of {args.purged:,} records (batch size "
-        f"{app_settings.PURGE_BATCH_SIZE:,}), median of {purges}; {elapsed / 60:.1f} minutes. "
-        f"DEBUG {settings.DEBUG}, RECORD_DUPLICATES {app_settings.RECORD_DUPLICATES}, "
-        f"STORE_RESULTS {app_settings.STORE_RESULTS}, STORE_PAYLOADS "
-        f"{app_settings.STORE_PAYLOADS}."
+        f"{app_settings.PURGE_BATCH_SIZE:,}), median of {purges}; a CHECKPOINT before each "
+        f"size; {elapsed / 60:.1f} minutes. Measured with "
+        + ", ".join(f"{k} {v}" for k, v in measured_with.items() if k not in ("CPU", "Python"))
+        + "."
     )
     print()
     print(
@@ -272,15 +299,16 @@ def main() -> None:
     print(
         "| records | heap MiB | "
         + " | ".join(f"{n} MiB" for n in index_names)
-        + " | total MiB | bytes a record |"
+        + " | total MiB | bytes a record | WAL bytes an INSERT | full pages an INSERT |"
     )
-    print("|---:|---:|" + "---:|" * len(index_names) + "---:|---:|")
+    print("|---:|---:|" + "---:|" * len(index_names) + "---:|---:|---:|---:|")
     for r in results:
         s = r["sizes"]
         print(
             f"| {r['size']:,} | {s['heap'] / 2**20:,.1f} | "
             + " | ".join(f"{s.get(n, 0) / 2**20:,.1f}" for n in index_names)
-            + f" | {s['total'] / 2**20:,.1f} | {s['total'] / r['size']:.0f} |"
+            + f" | {s['total'] / 2**20:,.1f} | {s['total'] / r['size']:.0f} | "
+            f"{r['wal']['bytes']:,.0f} | {r['wal']['fpi']:.2f} |"
         )
     print()
     print(f"| from {first['size']:,} to {last['size']:,} records | change | within 10% |")
@@ -294,7 +322,11 @@ def main() -> None:
         met = change >= -TOLERANCE if higher_is_better else change <= TOLERANCE
         print(f"| {what} | {change * 100:+.0f}% | {'yes' if met else 'no'} |")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "purged": args.purged}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"results": results, "purged": args.purged, "settings": measured_with}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,16 @@ runs the scheduled purge, the ``purge_processed_events`` task, every P seconds (
 with a retention of 2P, so records expire all through the run, and samples the inbox's heap
 and index sizes every second. In a live inbox the purge runs daily with 30 days' retention;
 the ratio of retention to purge interval and the number of purges per run are what is kept.
-What is not compressed is autovacuum, which looks at the table once a minute
-(``autovacuum_naptime``): a day's purge is followed by some 1,400 chances to vacuum, this
-run's by one every other purge, so the run is harsher on bloat than production.
+
+The purge's DELETEs only mark rows dead; the space comes back when VACUUM reclaims them, which
+autovacuum does once a table's dead rows pass 50 + 20% of its live ones (the defaults), looking
+every minute (``autovacuum_naptime``), a day's purge being followed by some 1,400 looks. That
+cannot be compressed, so ``--vacuum`` says who vacuums:
+
+* ``emulated`` (the default): this process is autovacuum at a compressed naptime, running the
+  ``VACUUM`` autovacuum would, at its default threshold, checked every second;
+* ``server``: the server's autovacuum, uncompressed (off on some machines: see the header);
+* ``none``: nobody, to show what happens to an inbox whose autovacuum is off.
 
 It reports whether the sizes stop growing (the inbox's size just before each purge, over the
 last third of the run, within 5% of its value at the start of that third) and the claim p99
@@ -23,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import sys
 import time
 import uuid
@@ -31,14 +37,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-os.environ.setdefault("IDEMPOTENCY_LOG_LEVEL", "WARNING")
-# The example project turns duplicate bookkeeping on; the library's default is off.
-os.environ.setdefault("IDEMPOTENCY_RECORD_DUPLICATES", "0")
+from bench import runtime
 
-import django
-
-django.setup()
+runtime.setup()  # bench/settings.py: DEBUG off, the library's defaults
 
 from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -95,6 +96,11 @@ def claimer(rate: float, seconds: float, ready, go, results) -> None:  # type: i
     connections.close_all()
 
 
+def autovacuum_due(sample: dict[str, int]) -> bool:
+    """Autovacuum's trigger with the default settings: dead rows > 50 + 20% of the live ones."""
+    return sample["dead"] > 50 + 0.2 * sample["rows"]
+
+
 def sizes() -> dict[str, int]:
     """The inbox's heap and index bytes, its records, and the dead rows autovacuum has yet to
     reclaim (with how many times it has run on the table)."""
@@ -131,11 +137,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     rows = top.twinx()
     rows.plot(t, [s["rows"] for s in report["samples"]], color="grey", linestyle=":", label="rows")
     rows.set_ylabel("records")
+    for vacuum in report["vacuums"]:
+        top.axvline(vacuum["start"], color="green", alpha=0.3, linewidth=0.8)
     top.legend(loc="upper left")
     rows.legend(loc="lower right")
     top.set_title(
         f"Claims at {report['rate']:.0f}/s, the scheduled purge every {report['interval']:.0f} s "
-        f"(retention {report['retention']:.0f} s)"
+        f"(retention {report['retention']:.0f} s); VACUUM {report['vacuum']} (green)"
     )
     bottom.plot(
         [c[0] for c in report["claims"]],
@@ -166,8 +174,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, help="length of the run (default 5; quick 1)")
     parser.add_argument("--rate", type=float, default=200.0, help="claims/s (default 200)")
     parser.add_argument("--interval", type=float, help="seconds between purges (30; quick 10)")
+    parser.add_argument(
+        "--vacuum",
+        choices=["emulated", "server", "none"],
+        default="emulated",
+        help="who vacuums the inbox (default: this process, as autovacuum would)",
+    )
     parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    runtime.add_arguments(parser)
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
@@ -177,8 +192,15 @@ def main() -> None:
     interval = args.interval or (10.0 if args.quick else 30.0)
     retention = 2 * interval
     call_command("migrate", verbosity=0)
+    measured_with = runtime.describe()
     sql(f"TRUNCATE {TABLE} RESTART IDENTITY")
     sql(f"VACUUM {TABLE}")
+    (server_autovacuum,) = sql("SHOW autovacuum")[0]
+    if args.vacuum == "server" and server_autovacuum != "on":
+        sys.exit("--vacuum server, but the server's autovacuum is off")
+    if args.vacuum != "server":
+        # Left to the server's, autovacuum could vacuum the table in the middle of a cycle.
+        sql(f"ALTER TABLE {TABLE} SET (autovacuum_enabled = false)")
 
     connections.close_all()
     ctx = multiprocessing.get_context("fork")
@@ -189,8 +211,10 @@ def main() -> None:
         sys.exit("the claimer did not start")
     samples: list[dict[str, Any]] = []
     purges: list[dict[str, Any]] = []
+    vacuums: list[dict[str, Any]] = []
     live = {**settings.IDEMPOTENCY, "RETENTION": timedelta(seconds=retention)}
     with override_settings(IDEMPOTENCY=live):
+        purge_processed_events()  # warm up (imports, statements): the table is empty
         go.set()
         began = time.monotonic()
         next_purge = began + interval
@@ -207,7 +231,12 @@ def main() -> None:
                     flush=True,
                 )
                 next_purge += interval
-            samples.append({"t": time.monotonic() - began, **sizes()})
+            sample = {"t": time.monotonic() - began, **sizes()}
+            samples.append(sample)
+            if args.vacuum == "emulated" and autovacuum_due(sample):
+                start = time.monotonic()
+                sql(f"VACUUM {TABLE}")
+                vacuums.append({"start": start - began, "end": time.monotonic() - began})
             time.sleep(max(0.0, min(1.0, next_purge - time.monotonic())))
     claims = [(start - began, took) for start, took in results.get(timeout=120)]
     process.join(30)
@@ -236,6 +265,9 @@ def main() -> None:
         "retention": retention,
         "samples": samples,
         "purges": purges,
+        "vacuums": vacuums,
+        "vacuum": args.vacuum,
+        "settings": measured_with,
         "claims": claims,
         "growth_last_third": growth,
         "p99_outside_ms": percentile(outside, 0.99) * 1000,
@@ -245,12 +277,16 @@ def main() -> None:
         f"Claims of new events at {args.rate:.0f}/s (achieved {achieved:.0f}/s) in one process "
         f"for {seconds / 60:.0f} minutes; the scheduled purge (`purge_processed_events`) every "
         f"{interval:.0f} s with a retention of {retention:.0f} s: {len(purges)} purges. "
-        f"DEBUG {settings.DEBUG}; the library's defaults otherwise."
+        "Measured with "
+        + ", ".join(f"{k} {v}" for k, v in measured_with.items() if k not in ("CPU", "Python"))
+        + f". VACUUM: {args.vacuum} "
+        f"(the server's autovacuum is {server_autovacuum}); {len(vacuums)} emulated "
+        "autovacuum run(s)."
     )
     print()
     print(
         "| purge | at (s) | deleted | ms | rows after | heap MiB before | indexes MiB before "
-        "| dead rows before | autovacuums so far | claims during | their max (ms) |"
+        "| dead rows before | vacuums so far | claims during | their max (ms) |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, purge in enumerate(purges, 1):
@@ -260,7 +296,8 @@ def main() -> None:
             f"| {n} | {purge['start']:.0f} | {purge['deleted']:,} | "
             f"{(purge['end'] - purge['start']) * 1000:.0f} | {after['rows']:,} | "
             f"{last['heap'] / 2**20:.2f} | {last['indexes'] / 2**20:.2f} | {last['dead']:,} | "
-            f"{last['autovacuums']} | {purge['claims']} | "
+            f"{last['autovacuums'] + sum(v['start'] < purge['start'] for v in vacuums)} | "
+            f"{purge['claims']} | "
             f"{purge['max_ms']:.2f} |"
         )
     during_all = [p["max_ms"] for p in purges if p["claims"]]
@@ -279,6 +316,8 @@ def main() -> None:
     print(
         f"| (for comparison) claim p99 outside the purges | {report['p99_outside_ms']:.2f} ms | |"
     )
+    if args.vacuum != "server":
+        sql(f"ALTER TABLE {TABLE} RESET (autovacuum_enabled)")
     if args.plot:
         plot(report, args.plot)
     if args.json:
