@@ -337,6 +337,14 @@ SECTIONS: list[Section] = [
     # The reference strategies (one DELETE, pk IN (...)) are for `make bench-purge`: they would
     # take this run past its time.
     Section("purge", "Purge", "bench.purge", args=["--no-reference"], json=False),
+    # Target 4: the inbox grown in place to 10M records (quick: 100k).
+    Section("scale", "Flat cost as the inbox grows", "bench.scale"),
+    # Target 5; {out} is the report's directory, where the plot goes.
+    Section(
+        "steady", "Steady state: claims under the scheduled purge", "bench.steady",
+        args=["--plot", "{out}/steady.png"],
+        render=lambda result: [result.stdout.strip(), "", "![steady state](steady.png)"],
+    ),
 ]  # fmt: skip
 
 
@@ -373,7 +381,8 @@ def main() -> None:
         path = scratch / f"{section.key}.json"
         extra = ["--json", str(path)] if section.json else []
         begun = time.monotonic()
-        stdout = run(section.module, [*quick, *section.args, *extra], env)
+        arguments = [a.replace("{out}", str(out_dir)) for a in section.args]
+        stdout = run(section.module, [*quick, *arguments, *extra], env)
         timings[section.key] = time.monotonic() - begun
         data = json.loads(path.read_text()) if section.json else None
         results[section.key] = Result(stdout, data)
