@@ -69,7 +69,7 @@ clean:
 BENCH_DATABASE_URL ?= $(if $(filter %_bench,$(DATABASE_URL)),$(DATABASE_URL),postgres://postgres@127.0.0.1:5432/idempotency_bench)
 
 .PHONY: bench
-bench: $(STAMP)  ## every benchmark (under 10 minutes): docs/benchmarks.md and .png; ARGS=--quick for a smoke run
+bench: $(STAMP)  ## every benchmark (the scale and steady sections add about 10 minutes): docs/benchmarks.md, .png, steady.png; ARGS=--quick for a smoke run
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(BIN)/python -m bench $(ARGS)
 
 .PHONY: bench-purge
