@@ -1,7 +1,7 @@
 """``make bench``: every benchmark in one run on PostgreSQL, written to docs/benchmarks.md.
 
     python -m bench            # the full run: docs/benchmarks.md and .png
-    python -m bench --quick    # a smoke run (two or three minutes), written under var/bench/
+    python -m bench --quick    # a smoke run (three or four minutes), written under var/bench/
 
 DATABASE_URL names the benchmark database (default postgres://postgres@127.0.0.1:5432/
 idempotency_bench); it is dropped and created afresh, so its name must end in ``_bench``.

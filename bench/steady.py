@@ -1,11 +1,11 @@
 """Steady state: an hour of claims and scheduled purges, compressed into minutes.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/idempotency_bench python -m bench.steady
-    ... python -m bench.steady --quick        # one minute
+    ... python -m bench.steady --quick        # half a minute
 
-One process claims new events at a constant rate (default 200/s) for N minutes (5; quick 1),
+One process claims new events at a constant rate (default 200/s) for N minutes (5; quick 0.5),
 each claim as ``@idempotent_task`` makes it, in its own transaction. Meanwhile this process
-runs the scheduled purge, the ``purge_processed_events`` task, every P seconds (30; quick 10)
+runs the scheduled purge, the ``purge_processed_events`` task, every P seconds (30; quick 5)
 with a retention of 2P, so records expire all through the run, and samples the inbox's heap
 and index sizes every second. In a live inbox the purge runs daily with 30 days' retention;
 the ratio of retention to purge interval and the number of purges per run are what is kept.
@@ -170,10 +170,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="one minute, a purge every 10 s")
-    parser.add_argument("--minutes", type=float, help="length of the run (default 5; quick 1)")
+    parser.add_argument("--quick", action="store_true", help="half a minute, a purge every 5 s")
+    parser.add_argument("--minutes", type=float, help="length of the run (default 5; quick 0.5)")
     parser.add_argument("--rate", type=float, default=200.0, help="claims/s (default 200)")
-    parser.add_argument("--interval", type=float, help="seconds between purges (30; quick 10)")
+    parser.add_argument("--interval", type=float, help="seconds between purges (30; quick 5)")
     parser.add_argument(
         "--vacuum",
         choices=["emulated", "server", "none"],
@@ -188,8 +188,8 @@ def main() -> None:
         sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
     if settings.DEBUG:
         sys.exit("DEBUG is on: Django would record every query; unset DJANGO_DEBUG")
-    seconds = 60 * (args.minutes or (1 if args.quick else 5))
-    interval = args.interval or (10.0 if args.quick else 30.0)
+    seconds = 60 * (args.minutes or (0.5 if args.quick else 5))
+    interval = args.interval or (5.0 if args.quick else 30.0)
     retention = 2 * interval
     call_command("migrate", verbosity=0)
     measured_with = runtime.describe()
@@ -275,7 +275,7 @@ def main() -> None:
 
     print(
         f"Claims of new events at {args.rate:.0f}/s (achieved {achieved:.0f}/s) in one process "
-        f"for {seconds / 60:.0f} minutes; the scheduled purge (`purge_processed_events`) every "
+        f"for {seconds:.0f} s; the scheduled purge (`purge_processed_events`) every "
         f"{interval:.0f} s with a retention of {retention:.0f} s: {len(purges)} purges. "
         "Measured with "
         + ", ".join(f"{k} {v}" for k, v in measured_with.items() if k not in ("CPU", "Python"))
