@@ -27,19 +27,73 @@ def _seconds(value: float | None, name: str, *, allow_zero: bool = False) -> Non
         raise CommandError(f"{name} must be a number of seconds, more than 0 and at most 86400")
 
 
+def _json_value(text: str) -> tuple[Any, str | None]:
+    """*text* read as JSON, with the first NaN or infinite number in it (else None)."""
+    not_finite: list[str] = []
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):  # 1e400 is valid JSON and reads as inf
+            not_finite.append(literal)
+        return value
+
+    def constant(literal: str) -> float:
+        # json.loads accepts NaN, Infinity and -Infinity (not JSON at all): a NaN visibility
+        # timeout made the Redis consumer fail every poll and reconnect forever.
+        not_finite.append(literal)
+        return float(literal)
+
+    # Noted, not raised: "NaNny" stops being JSON only after its NaN was read, and is text.
+    value = json.loads(text, parse_constant=constant, parse_float=number)
+    return value, (not_finite[0] if not_finite else None)
+
+
 def _transport_options(pairs: list[str]) -> dict[str, Any]:
     """``NAME=VALUE`` pairs as a dict; a VALUE that is JSON (``2``, ``false``, ``["a"]``) is
-    read as such, any other as text."""
+    read as such, any other as text. NaN and infinite numbers are refused, and
+    ``visibility_timeout`` is checked as ``--visibility-timeout`` is."""
     options: dict[str, Any] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
+        name = name.strip()
+        if not sep or not name:
             raise CommandError(f"--transport-option {pair!r}: expected NAME=VALUE")
         try:
-            options[name.strip()] = json.loads(value)
+            options[name], not_finite = _json_value(value)
         except ValueError:
-            options[name.strip()] = value
+            options[name] = value
+            continue
+        if not_finite is not None:
+            raise CommandError(f"--transport-option {name}: {not_finite} is not a finite number")
+    if "visibility_timeout" in options:
+        visibility = options["visibility_timeout"]
+        what = "--transport-option visibility_timeout"
+        # bool is an int: true would be a timeout of one second.
+        if isinstance(visibility, bool) or not isinstance(visibility, (int, float)):
+            raise CommandError(
+                f"{what} must be a number of seconds, more than 0 and at most 86400, "
+                f"not {visibility!r:.80}"
+            )
+        _seconds(visibility, what)
     return options
+
+
+def _check_transport(transport: str | None) -> None:
+    """Refuse a --transport that names no kombu transport, before the URL is looked at (an
+    unknown alias would otherwise be reported as a bad --url)."""
+    if not transport:
+        return
+    from kombu.transport import TRANSPORT_ALIASES, resolve_transport
+
+    try:
+        resolve_transport(transport)
+    except (KeyError, ValueError, ImportError, AttributeError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        accepted = ", ".join(sorted(TRANSPORT_ALIASES, key=str.lower))
+        raise CommandError(
+            f"--transport {transport!r}: unknown transport ({reason}); accepted: an alias "
+            f"({accepted}) or a module:Class path"
+        ) from None
 
 
 class Command(BaseCommand):
@@ -173,7 +227,14 @@ class Command(BaseCommand):
             visibility = options["visibility_timeout"]
             _seconds(visibility, "--visibility-timeout")
             if visibility is not None:
+                if "visibility_timeout" in transport_options:
+                    # Two values for one setting: neither silently wins.
+                    raise CommandError(
+                        "--visibility-timeout and --transport-option visibility_timeout= "
+                        "both set the visibility timeout: give only one"
+                    )
                 transport_options["visibility_timeout"] = visibility
+            _check_transport(options["transport"])
             try:
                 return KombuConsumer(
                     options["url"],
@@ -185,7 +246,8 @@ class Command(BaseCommand):
                 )
             except (ImportError, AttributeError) as exc:  # a transport path that names nothing
                 raise CommandError(f"--transport {options['transport']!r}: {exc}") from None
-            except (KeyError, ValueError) as exc:  # an unknown transport, a malformed URL
+            except (KeyError, ValueError) as exc:  # the URL's scheme names no transport, or
+                # the URL is malformed (a --transport was checked above)
                 raise CommandError(f"--url {options['url']!r}: {exc}") from None
         missing = [name for name in ("stream", "subject", "durable") if not options[name]]
         if missing:

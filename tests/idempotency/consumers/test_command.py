@@ -18,6 +18,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from kombu import Connection, Exchange, Queue
 
+from idempotency.management.commands.consume_events import _transport_options
 from tests.idempotency.consumers import handlers
 from tests.idempotency.consumers.test_kombu import publish, remaining
 from tests.services import AMQP_URL, ROOT, database_url, require_broker, require_postgres, wait_for
@@ -34,6 +35,7 @@ def consume(*args: str, **options: Any) -> str:
 KOMBU = ["kombu", "--handler", HANDLER]
 NATS = ["nats", "--handler", HANDLER, "--stream", "s", "--subject", "x", "--durable", "d"]
 MEMORY = [*KOMBU, "--url", "memory://", "--queue", "q"]
+VISIBILITY_OPTION = "--transport-option visibility_timeout must be a number of seconds"
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,21 @@ MEMORY = [*KOMBU, "--url", "memory://", "--queue", "q"]
         ([*MEMORY, "--transport-option", "=1"], "NAME=VALUE"),
         ([*MEMORY, "--transport", "no.such.module:Transport"], "--transport"),
         ([*MEMORY, "--transport", "project.sqs:NoSuchTransport"], "--transport"),
+        ([*MEMORY, "--transport", "nosuch"], "--transport 'nosuch': unknown transport"),
+        ([*MEMORY, "--transport", ":"], "--transport ':': unknown transport"),
+        ([*MEMORY, "--transport-option", "visibility_timeout=soon"], VISIBILITY_OPTION),
+        ([*MEMORY, "--transport-option", "visibility_timeout=-5"], VISIBILITY_OPTION),
+        ([*MEMORY, "--transport-option", "visibility_timeout=0"], VISIBILITY_OPTION),
+        ([*MEMORY, "--transport-option", "visibility_timeout=100000"], VISIBILITY_OPTION),
+        ([*MEMORY, "--transport-option", "visibility_timeout=true"], VISIBILITY_OPTION),
+        ([*MEMORY, "--transport-option", "visibility_timeout=NaN"], "visibility_timeout: NaN"),
+        ([*MEMORY, "--transport-option", "visibility_timeout=1e400"], "not a finite number"),
+        ([*MEMORY, "--transport-option", "polling_interval=Infinity"], "polling_interval"),
+        ([*MEMORY, "--transport-option", "queue_order=[1, -Infinity]"], "queue_order"),
+        (
+            [*MEMORY, "--visibility-timeout", "60", "--transport-option", "visibility_timeout=30"],
+            "give only one",
+        ),
         ([*MEMORY, "--consumer", " "], "consumer name"),
         (["nats", "--handler", HANDLER], "--stream, --subject, --durable"),
         (["nats", "--handler", HANDLER, "--stream", "s", "--subject", "x"], "--durable"),
@@ -70,6 +87,32 @@ MEMORY = [*KOMBU, "--url", "memory://", "--queue", "q"]
 def test_bad_arguments_are_a_command_error(args: list[str], message: str) -> None:
     with pytest.raises(CommandError, match=message):
         consume(*args)
+
+
+def test_an_unknown_transport_lists_the_accepted_aliases() -> None:
+    with pytest.raises(CommandError) as raised:
+        consume(*MEMORY, "--transport", "nosuch")
+    assert "accepted: an alias (" in str(raised.value)
+    assert "redis" in str(raised.value)
+    assert "module:Class" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        (["visibility_timeout=30"], {"visibility_timeout": 30}),
+        (["visibility_timeout=2.5"], {"visibility_timeout": 2.5}),
+        (["visibility_timeout=86400"], {"visibility_timeout": 86400}),
+        (["region=eu-west-1", "flag=false"], {"region": "eu-west-1", "flag": False}),
+        (['names=["a", 1.5]'], {"names": ["a", 1.5]}),
+        (["word=NaNny"], {"word": "NaNny"}),  # not JSON: text, as any other word
+        (["word=1e400x"], {"word": "1e400x"}),
+    ],
+)
+def test_transport_options_in_range_are_kept_as_read(
+    pairs: list[str], expected: dict[str, Any]
+) -> None:
+    assert _transport_options(pairs) == expected
 
 
 def test_an_unknown_adapter_is_a_command_error() -> None:
