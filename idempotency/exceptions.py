@@ -17,6 +17,14 @@ class IdempotencyConfigurationError(IdempotencyError, ImproperlyConfigured):
     """The ``IDEMPOTENCY`` settings dict or a decorator's arguments are invalid."""
 
 
+class InvalidConsumerName(IdempotencyConfigurationError, ValueError):
+    """A consumer name the inbox cannot store: not a string, empty, longer than 200 characters
+    (the column's length), or holding a NUL or a lone surrogate (no database takes either).
+
+    Raised by ``idempotent()``/``claim()`` before any query, instead of a driver's error.
+    """
+
+
 class MissingExtra(IdempotencyConfigurationError, ImportError):
     """An optional dependency is not installed; the message names the extra that installs it.
 

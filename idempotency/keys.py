@@ -23,7 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from .exceptions import IdempotencyConfigurationError, InvalidEventId, MissingEventId
+from .exceptions import (
+    IdempotencyConfigurationError,
+    InvalidConsumerName,
+    InvalidEventId,
+    MissingEventId,
+)
 
 KeySpec = str | Sequence[str] | Callable[[Any], Any]
 
@@ -97,6 +102,51 @@ def event_id_key(value: Any, what: str = "the event id") -> str:
     than :data:`MAX_KEY_LENGTH` characters, a boolean, NaN, a container).
     """
     return _checked(_as_text(value, what), what)
+
+
+#: The inbox's ``consumer`` column holds this many characters.
+MAX_CONSUMER_LENGTH = 200
+
+#: Names already found valid: a claim runs per event, its consumer is nearly always one of a
+#: handful of names, so after the first claim the check is one set lookup. Bounded, so names
+#: built per event (a misuse, but possible) cannot grow it without limit.
+_valid_consumers: set[str] = set()
+_MAX_REMEMBERED_CONSUMERS = 1024
+
+#: NUL (PostgreSQL text refuses it) and lone surrogates (no UTF-8 form): no database stores them.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def consumer_name(value: Any) -> str:
+    """*value* as a consumer name, validated, never altered.
+
+    Raises :class:`InvalidConsumerName` (an :class:`IdempotencyConfigurationError`) for a
+    value that is not a string, is empty, is longer than :data:`MAX_CONSUMER_LENGTH`, or
+    holds a NUL or a lone surrogate, before any query reaches the database.
+    """
+    # type() is str first: an unhashable value (a list) must not reach the set lookup.
+    if type(value) is str and value in _valid_consumers:
+        return value
+    if not isinstance(value, str):
+        raise InvalidConsumerName(
+            f"a consumer name must be a string, not {type(value).__name__} {value!r:.80}"
+        )
+    if not value:
+        raise InvalidConsumerName("a consumer name is required")
+    if len(value) > MAX_CONSUMER_LENGTH:
+        raise InvalidConsumerName(
+            f"a consumer name is at most {MAX_CONSUMER_LENGTH} characters, "
+            f"not {len(value)}: {value[:40]!r}..."
+        )
+    bad = _UNSTORABLE.search(value)
+    if bad is not None:
+        kind = "a NUL" if bad.group() == "\x00" else "the lone surrogate " + repr(bad.group())
+        raise InvalidConsumerName(
+            f"a consumer name cannot hold {kind} (at {bad.start()}): {value[:80]!r}"
+        )
+    if type(value) is str and len(_valid_consumers) < _MAX_REMEMBERED_CONSUMERS:
+        _valid_consumers.add(value)
+    return value
 
 
 def _single(value: Any, what: str) -> str:

@@ -37,11 +37,12 @@ from ..conf import app_settings
 from ..exceptions import (
     AfterCommitError,
     IdempotencyConfigurationError,
+    InvalidConsumerName,
     InvalidEvent,
     InvalidEventId,
 )
 from ..inbox import idempotent, inbox_database
-from ..keys import KeySpec, extract_key
+from ..keys import KeySpec, consumer_name, extract_key
 from ..transient import TRANSIENT_ERRORS, TransientWait, drop_connections, is_transient
 
 logger = logging.getLogger("idempotency")
@@ -121,10 +122,9 @@ class EventConsumer:
     ) -> None:
         if not callable(handler):
             raise IdempotencyConfigurationError(f"the handler must be callable, not {handler!r}")
-        if not isinstance(consumer, str) or not consumer.strip():
-            raise IdempotencyConfigurationError("a consumer name is required")
-        if len(consumer) > 200:
-            raise IdempotencyConfigurationError("a consumer name is at most 200 characters")
+        consumer_name(consumer)  # checked here, at start-up, rather than on the first event
+        if not consumer.strip():
+            raise InvalidConsumerName("a consumer name is required")
         if transient_window is not None and not (0 <= transient_window <= 86_400):
             raise IdempotencyConfigurationError(
                 "transient_window must be a number of seconds from 0 to 86400"

@@ -34,7 +34,7 @@ from ..exceptions import (
     TransactionRequired,
 )
 from ..fingerprint import bounded_canonical_json, has_escaped_nul, sha256_hex, stored_json
-from ..keys import event_id_key
+from ..keys import consumer_name, event_id_key
 from .models import Outcome, ProcessedEvent
 from .statements import RecordLoader, claim_statement
 
@@ -70,7 +70,13 @@ def claim(
     until this transaction ends, then sees ``created=False`` (or ``True`` if this one rolled back).
     The id is validated as :func:`idempotency.keys.event_id_key` does (:class:`InvalidEventId`).
     """
-    return _claim(consumer, event_id_key(event_id), fingerprint, payload, using or inbox_database())
+    return _claim(
+        consumer_name(consumer),
+        event_id_key(event_id),
+        fingerprint,
+        payload,
+        using or inbox_database(),
+    )
 
 
 def _claim(
@@ -187,7 +193,7 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         using: str | None = None,
         savepoint: bool = True,
     ) -> None:
-        self.consumer = consumer
+        self.consumer = consumer_name(consumer)
         self.event_id = event_id_key(event_id)
         if store_payload is None:
             store_payload = app_settings.STORE_PAYLOADS

@@ -76,6 +76,8 @@ VISIBILITY_OPTION = "--transport-option visibility_timeout must be a number of s
             "give only one",
         ),
         ([*MEMORY, "--consumer", " "], "consumer name"),
+        ([*MEMORY, "--consumer", "c" * 201], "consumer name is at most 200"),
+        ([*MEMORY, "--consumer", "c\x00"], "consumer name cannot hold a NUL"),
         (["nats", "--handler", HANDLER], "--stream, --subject, --durable"),
         (["nats", "--handler", HANDLER, "--stream", "s", "--subject", "x"], "--durable"),
         ([*NATS, "--ack-wait", "0"], "--ack-wait"),

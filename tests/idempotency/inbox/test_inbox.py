@@ -13,6 +13,7 @@ from idempotency import signals
 from idempotency.decorators import run_once
 from idempotency.exceptions import (
     IdempotencyConfigurationError,
+    InvalidConsumerName,
     InvalidEvent,
     InvalidEventId,
     PayloadMismatch,
@@ -20,6 +21,7 @@ from idempotency.exceptions import (
 )
 from idempotency.inbox import claim, current_claim, idempotent, reject
 from idempotency.inbox.statements import STATEMENTS, statement_for, supports_insert_select
+from idempotency.keys import MAX_CONSUMER_LENGTH
 from idempotency.models import Outcome, ProcessedEvent
 from tests.services import usable_claim_statements
 
@@ -290,6 +292,58 @@ def test_ids_no_key_can_hold_are_refused_before_the_claim(event_id: object) -> N
     with pytest.raises(InvalidEventId), transaction.atomic():
         claim("billing", event_id)
     assert not ProcessedEvent.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("consumer", "message"),
+    [
+        ("bill\x00ing", "cannot hold a NUL"),
+        ("billing\ud800", "lone surrogate"),
+        ("b" * (MAX_CONSUMER_LENGTH + 1), "at most 200 characters, not 201"),
+        ("", "a consumer name is required"),
+        (None, "must be a string, not NoneType"),
+        (7, "must be a string, not int"),
+        (b"billing", "must be a string, not bytes"),
+        (["billing"], "must be a string, not list"),
+    ],
+    ids=["nul", "surrogate", "too-long", "empty", "none", "int", "bytes", "list"],
+)
+def test_consumer_names_the_inbox_cannot_store_are_refused_before_the_claim(
+    consumer: object, message: str
+) -> None:
+    # Unchecked, these reached the database: PostgreSQL raised DataError or ProgrammingError
+    # from inside the claim, SQLite stored a NUL, an int or an over-long name as it was.
+    for _ in range(2):  # a refused name is not remembered as valid
+        with pytest.raises(InvalidConsumerName, match=message):
+            idempotent(consumer, "e-1")  # type: ignore[arg-type]
+        with pytest.raises(InvalidConsumerName, match=message), transaction.atomic():
+            claim(consumer, "e-1")  # type: ignore[arg-type]
+        with pytest.raises(InvalidConsumerName, match=message):
+            run_once(consumer, {"eventId": "e-1"}, lambda: None)  # type: ignore[arg-type]
+    assert not ProcessedEvent.objects.exists()
+
+
+def test_an_invalid_consumer_name_is_a_configuration_error_and_a_value_error() -> None:
+    with pytest.raises(IdempotencyConfigurationError):
+        idempotent("x" * 500, "e-1")
+    with pytest.raises(ValueError, match="consumer name"):
+        idempotent("x\x00", "e-1")
+
+
+def test_the_longest_consumer_name_fits_the_column_and_is_stored_exactly() -> None:
+    assert ProcessedEvent._meta.get_field("consumer").max_length == MAX_CONSUMER_LENGTH
+    longest = "ü" * MAX_CONSUMER_LENGTH  # characters, not bytes: 400 bytes in UTF-8
+    for _ in range(2):  # the second claim takes the remembered name: a duplicate
+        with idempotent(longest, "e-1") as claim_:
+            pass
+    assert claim_.duplicate
+    with transaction.atomic():
+        record, created = claim("billing\ttab", "e-1")
+    assert record.consumer == "billing\ttab"
+    assert created
+    assert sorted(ProcessedEvent.objects.values_list("consumer", flat=True)) == sorted(
+        [longest, "billing\ttab"]
+    )
 
 
 def test_integer_and_uuid_ids_are_claimed_as_text() -> None:
