@@ -101,8 +101,9 @@ def test_every_exact_column_has_the_exact_collation() -> None:
         if connection.vendor == "mysql":
             assert column.collation == exact_collation(connection), field
             assert column.null_ok is field.null, field  # (MODIFY keeps NOT NULL)
-        elif connection.vendor == "postgresql":
-            assert column.collation is None, field  # the database's deterministic default
+        else:
+            # SQLite's BINARY, PostgreSQL's deterministic default: no collation of their own.
+            assert column.collation is None, field
 
 
 @pytest.mark.django_db(transaction=True)
