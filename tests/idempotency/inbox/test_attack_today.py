@@ -38,7 +38,7 @@ def test_claim_with_a_fingerprint_that_is_not_hex_is_stored_or_refused_by_the_li
     # escapes from deep in the statement, outside the library's exception tree.
     try:
         with transaction.atomic():
-            record, created = claim("billing", "e-1", fingerprint=fingerprint)
+            _, created = claim("billing", "e-1", fingerprint=fingerprint)
     except IdempotencyError:
         return  # refused with the library's own error: acceptable
     assert created
@@ -137,7 +137,8 @@ def test_the_record_read_after_commit_rollback_or_from_another_thread() -> None:
     with pytest.raises(ZeroDivisionError), idempotent("billing", "e-2") as rolled_back:
         1 / 0  # noqa: B018
     late = rolled_back.record  # built after the rollback: a record that is not stored
-    assert late is not None and late.event_id == "e-2"
+    assert late is not None
+    assert late.event_id == "e-2"
     assert not ProcessedEvent.objects.filter(event_id="e-2").exists()
 
     with idempotent("billing", "e-3") as elsewhere:
@@ -155,7 +156,9 @@ def test_nested_claims_of_one_id_and_the_inner_one_is_the_duplicate() -> None:
         assert outer.created
         with idempotent("billing", "e-1") as inner:
             assert inner.duplicate
-            assert inner.record is not None and inner.record.pk == outer.record.pk  # type: ignore[union-attr]
+            assert inner.record is not None
+            assert outer.record is not None
+            assert inner.record.pk == outer.record.pk
     assert ProcessedEvent.objects.count() == 1
 
 
@@ -183,18 +186,16 @@ def test_migration_0008_upgrades_an_inbox_with_a_fingerprint_that_is_not_hex() -
         executor.loader.build_graph()
         executor.migrate([("idempotency", name)])
 
-    latest = [
-        n
-        for app, n in MigrationExecutor(connection).loader.graph.leaf_nodes()
-        if app == "idempotency"
-    ][0]
+    leaves = MigrationExecutor(connection).loader.graph.leaf_nodes()
+    latest = next(n for app, n in leaves if app == "idempotency")
     migrate("0007_exact_collation_on_mysql")
     try:
         with connection.cursor() as cursor:
             cursor.execute(
                 f"INSERT INTO {ProcessedEvent._meta.db_table} (consumer, event_id, processed_at, "
                 "outcome, reason, fingerprint, mismatch_fingerprint, duplicate_count) "
-                "VALUES ('billing', 'e-1', CURRENT_TIMESTAMP, 'processed', '', 'v1:order-42', '', 0)"
+                "VALUES ('billing', 'e-1', CURRENT_TIMESTAMP, 'processed', '', 'v1:order-42', "
+                "'', 0)"
             )
         migrate("0008_fingerprints_as_bytes")
     finally:
@@ -225,7 +226,7 @@ def test_sixty_four_concurrent_claims_of_one_id_on_postgresql() -> None:
                 outcome = (c.created, c.record.pk if c.duplicate and c.record else None)
             with lock:
                 outcomes.append(outcome)
-        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+        except BaseException as exc:  # reported by the assertion below
             with lock:
                 errors.append(exc)
         finally:
@@ -240,4 +241,5 @@ def test_sixty_four_concurrent_claims_of_one_id_on_postgresql() -> None:
     stored = ProcessedEvent.objects.get(consumer="billing", event_id="same")
     assert sorted(created for created, _ in outcomes) == [False] * 63 + [True]
     assert {pk for created, pk in outcomes if not created} == {stored.pk}
-    assert stored.result is not None and stored.fingerprint == DIGEST
+    assert stored.result is not None
+    assert stored.fingerprint == DIGEST
