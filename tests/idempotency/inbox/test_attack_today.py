@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.test import override_settings
 
 from idempotency import signals
 from idempotency.exceptions import IdempotencyError
@@ -205,7 +206,8 @@ def test_migration_0008_upgrades_an_inbox_with_a_fingerprint_that_is_not_hex() -
         migrate(latest)
 
 
-def test_sixty_four_concurrent_claims_of_one_id_on_postgresql() -> None:
+@pytest.mark.parametrize("record_duplicates", [False, True])
+def test_sixty_four_concurrent_claims_of_one_id_on_postgresql(record_duplicates: bool) -> None:
     # One claimant applies, the 63 others wait on its row and then see a duplicate: the lazy
     # record, built only for them, must still be the committed one.
     if connection.vendor != "postgresql":
@@ -234,16 +236,18 @@ def test_sixty_four_concurrent_claims_of_one_id_on_postgresql() -> None:
             connections.close_all()
 
     threads = [threading.Thread(target=run) for _ in range(claimants)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    with override_settings(IDEMPOTENCY={"RECORD_DUPLICATES": record_duplicates}):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
     assert errors == []
     stored = ProcessedEvent.objects.get(consumer="billing", event_id="same")
     assert sorted(created for created, _ in outcomes) == [False] * 63 + [True]
     assert {pk for created, pk in outcomes if not created} == {stored.pk}
     assert stored.result is not None
     assert stored.fingerprint == DIGEST
+    assert stored.duplicate_count == (claimants - 1 if record_duplicates else 0)
 
 
 def test_dumpdata_and_loaddata_keep_the_fingerprints(tmp_path: Any) -> None:
