@@ -41,6 +41,28 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def digest_hex(value: Any) -> str:
+    """*value* as the inbox stores a fingerprint: ``""`` (none) or a SHA-256 digest as 64 hex
+    characters, lower-cased (the stored form is its 32 raw bytes, read back lower-case).
+
+    Anything else raises :class:`InvalidEvent`: a fingerprint of another shape (a version tag,
+    another hash) cannot be stored; pass :func:`fingerprint` of it instead.
+    """
+    if isinstance(value, str):
+        if not value:
+            return value
+        lowered = value.lower()
+        if _HEX_DIGEST.fullmatch(lowered):
+            return lowered
+    raise InvalidEvent(
+        f"a fingerprint is a SHA-256 digest as 64 hex characters (or empty), not {value!r:.80}; "
+        "pass idempotency.fingerprint.fingerprint(...) of the value instead"
+    )
+
+
 #: A JSON string (with its escapes), what is not a bracket, and an empty array or object.
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")

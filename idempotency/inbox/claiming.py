@@ -33,7 +33,13 @@ from ..exceptions import (
     ResultNotSerializable,
     TransactionRequired,
 )
-from ..fingerprint import bounded_canonical_json, has_escaped_nul, sha256_hex, stored_json
+from ..fingerprint import (
+    bounded_canonical_json,
+    digest_hex,
+    has_escaped_nul,
+    sha256_hex,
+    stored_json,
+)
 from ..keys import consumer_name, event_id_key
 from .models import Outcome, ProcessedEvent
 from .statements import RecordLoader, claim_statement
@@ -68,12 +74,13 @@ def claim(
     Must run inside ``transaction.atomic()`` on the inbox database, next to the business
     change, so the two commit or roll back together. A concurrent claim of the same key blocks
     until this transaction ends, then sees ``created=False`` (or ``True`` if this one rolled back).
-    The id is validated as :func:`idempotency.keys.event_id_key` does (:class:`InvalidEventId`).
+    The id is validated as :func:`idempotency.keys.event_id_key` does (:class:`InvalidEventId`);
+    *fingerprint* is ``""`` or a SHA-256 digest as 64 hex characters (:class:`InvalidEvent`).
     """
     return _claim(
         consumer_name(consumer),
         event_id_key(event_id),
-        fingerprint,
+        digest_hex(fingerprint),
         payload,
         using or inbox_database(),
     )

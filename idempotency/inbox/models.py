@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+from django.core import validators
+from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DEFAULT_DB_ALIAS, models, router
 from django.db.models.functions import Now
@@ -13,7 +15,9 @@ from django.utils.translation import gettext_lazy as _
 
 from .. import signals
 from ..conf import app_settings
+from ..exceptions import InvalidEvent
 from ..fields import ExactCharField
+from ..fingerprint import digest_hex
 from .retention import (
     PurgeBatch,
     _batch_transaction,
@@ -21,6 +25,13 @@ from .retention import (
     _sweep_span,
     retention_cutoffs,
 )
+
+
+def _validate_digest(value: Any) -> None:
+    try:
+        digest_hex(value)
+    except InvalidEvent as exc:
+        raise ValidationError(str(exc), code="invalid") from None
 
 
 class DigestField(models.BinaryField):
@@ -31,6 +42,15 @@ class DigestField(models.BinaryField):
     mismatch_fingerprint="")``.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # BinaryField limits the length of the value, which here is the 64-character hex form
+        # of max_length bytes: check that form instead.
+        self.validators[:] = [
+            v for v in self.validators if not isinstance(v, validators.MaxLengthValidator)
+        ]
+        self.validators.append(_validate_digest)
+
     def _check_str_default_value(self) -> list[Any]:
         return []  # the default is the hex form, "" (no digest), as every value of the field
 
@@ -38,7 +58,7 @@ class DigestField(models.BinaryField):
         value = super().get_prep_value(value)
         if value is None or isinstance(value, bytes | bytearray | memoryview):
             return value
-        return bytes.fromhex(value)
+        return bytes.fromhex(digest_hex(value))
 
     def from_db_value(self, value: Any, expression: Any, connection: Any) -> str | None:
         if value is None or isinstance(value, str):

@@ -1,12 +1,20 @@
 """The inbox's two fingerprints as 32 raw bytes instead of 64 hex characters: 33 bytes a
 record on disk instead of 65 (docs/storage.md). The values are converted, not dropped.
 
-PostgreSQL converts each column in place with one ``ALTER COLUMN ... TYPE bytea USING
-decode(..., 'hex')``, which rewrites the table under an ACCESS EXCLUSIVE lock: claims wait
-for it (about a second per million records on this project's benchmark machine). Other
-backends alter the column as Django does, then convert the rows one by one. Reversible.
+PostgreSQL converts each column in place with one ``ALTER COLUMN ... TYPE bytea USING ...``,
+which rewrites the table under an ACCESS EXCLUSIVE lock: claims wait for it (about a second
+per million records on this project's benchmark machine). Other backends alter the column as
+Django does, then convert the rows one by one. Reversible.
+
+A value that is not 64 hex characters (``claim(fingerprint=...)`` took any text up to 64
+characters before this version) becomes the SHA-256 of its UTF-8 bytes: it still tells one
+payload from another, and the upgrade never stops on it. On MariaDB and MySQL, which cannot
+roll DDL back, a conversion stopped half-way is finished by running ``migrate`` again: a value
+already 32 bytes long is left as it is.
 """
 
+import hashlib
+import re
 from typing import Any
 
 from django.db import migrations, models
@@ -18,10 +26,43 @@ import idempotency.inbox.models
 TABLE = "idempotency_processedevent"
 
 
-def _text(value: Any) -> str:
+_HEX = re.compile(rb"[0-9a-fA-F]{64}")
+
+
+def _raw(value: Any) -> bytes:
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("ascii")
-    return str(value)
+        return bytes(value)
+    return str(value).encode()
+
+
+def _as_digest(value: Any) -> bytes:
+    """A stored value in its new form; a converted one (32 bytes) or none (empty) unchanged."""
+    raw = _raw(value)
+    if _HEX.fullmatch(raw):
+        return bytes.fromhex(raw.decode())
+    if len(raw) in (0, 32):
+        return raw
+    return hashlib.sha256(raw).digest()
+
+
+def _as_hex(value: Any) -> bytes:
+    """A stored value in its old form; one already back in it (hex text) unchanged."""
+    raw = _raw(value)
+    return raw.hex().encode() if len(raw) == 32 else raw
+
+
+def _convert(schema_editor: BaseDatabaseSchemaEditor, column: str, form: Any) -> None:
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute(f"SELECT id, {column} FROM {TABLE}")
+        rows = cursor.fetchall()
+        for pk, value in rows:
+            if value is None:
+                continue
+            # Written even when unchanged: SQLite keeps the type of a value, and an empty
+            # fingerprint copied as text would not equal the empty bytes lookups compare with.
+            new = form(value)
+            stored = new if form is _as_digest else new.decode()
+            cursor.execute(f"UPDATE {TABLE} SET {column} = %s WHERE id = %s", [stored, pk])
 
 
 class StoreDigestAsBytes(migrations.AlterField):
@@ -37,20 +78,15 @@ class StoreDigestAsBytes(migrations.AlterField):
         column = schema_editor.quote_name(self.name)
         if schema_editor.connection.vendor == "postgresql":
             schema_editor.execute(
-                f"ALTER TABLE {TABLE} ALTER COLUMN {column} TYPE bytea USING decode({column}, 'hex')"
+                f"ALTER TABLE {TABLE} ALTER COLUMN {column} TYPE bytea USING CASE "
+                f"WHEN {column} ~ '^[0-9a-fA-F]{{64}}$' THEN decode({column}, 'hex') "
+                f"WHEN {column} = '' THEN ''::bytea "
+                f"ELSE sha256(convert_to({column}, 'UTF8')) END"
             )
             return
         super().database_forwards(app_label, schema_editor, from_state, to_state)
         # The altered column still holds the hex text (or its bytes): decode each value.
-        with schema_editor.connection.cursor() as cursor:
-            cursor.execute(f"SELECT id, {column} FROM {TABLE}")
-            rows = cursor.fetchall()
-            for pk, value in rows:
-                if value is not None:
-                    cursor.execute(
-                        f"UPDATE {TABLE} SET {column} = %s WHERE id = %s",
-                        [bytes.fromhex(_text(value)), pk],
-                    )
+        _convert(schema_editor, column, _as_digest)
 
     def database_backwards(
         self,
@@ -66,15 +102,7 @@ class StoreDigestAsBytes(migrations.AlterField):
                 f"USING encode({column}, 'hex')"
             )
             return
-        with schema_editor.connection.cursor() as cursor:
-            cursor.execute(f"SELECT id, {column} FROM {TABLE}")
-            rows = cursor.fetchall()
-            for pk, value in rows:
-                if value is not None:
-                    cursor.execute(
-                        f"UPDATE {TABLE} SET {column} = %s WHERE id = %s",
-                        [bytes(value).hex(), pk],
-                    )
+        _convert(schema_editor, column, _as_hex)
         # AlterField's backwards is its forwards with the states swapped: the plain alteration,
         # not this class's conversion.
         migrations.AlterField.database_forwards(self, app_label, schema_editor, from_state, to_state)

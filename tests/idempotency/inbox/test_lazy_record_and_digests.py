@@ -1,13 +1,10 @@
-"""Today's changes under attack: the lazy claim record, the signals it skips, and the payload
-fingerprints stored as raw bytes (DigestField, migration 0008).
-
-The tests marked ``xfail(strict=True)`` reproduce defects: each passes once the defect is fixed
-(and then fails as an unexpected pass, so the marker must go with the fix).
+"""The lazy claim record, the signals it skips, and the payload fingerprints stored as raw
+bytes (DigestField, migration 0008): what a caller, a receiver, a model form or an upgrade of an
+old inbox may do to them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any
 
@@ -17,7 +14,7 @@ from django.db import connection, transaction
 from django.test import override_settings
 
 from idempotency import signals
-from idempotency.exceptions import IdempotencyError
+from idempotency.exceptions import InvalidEvent
 from idempotency.fingerprint import sha256_hex
 from idempotency.inbox import claim, idempotent
 from idempotency.models import ProcessedEvent
@@ -30,28 +27,28 @@ DIGEST = sha256_hex(b'{"amount":1}')
 # --- Findings -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="claim(fingerprint=...) now runs bytes.fromhex on it")
-@pytest.mark.parametrize("fingerprint", ["v1:order-42", "abc", "sha256:" + "ab" * 28])
-def test_claim_with_a_fingerprint_that_is_not_hex_is_stored_or_refused_by_the_library(
-    fingerprint: str,
-) -> None:
-    # claim() takes any str as its fingerprint (up to 64 characters, the old CharField) and
-    # stored it as given before today; now a raw ValueError ("non-hexadecimal number found")
-    # escapes from deep in the statement, outside the library's exception tree.
-    try:
-        with transaction.atomic():
-            _, created = claim("billing", "e-1", fingerprint=fingerprint)
-    except IdempotencyError:
-        return  # refused with the library's own error: acceptable
+@pytest.mark.parametrize(
+    "fingerprint", ["v1:order-42", "abc", "sha256:" + "ab" * 28, "ab" * 33, "g" * 64, 5, None]
+)
+def test_claim_refuses_a_fingerprint_that_is_not_a_hex_digest(fingerprint: Any) -> None:
+    # The column holds a digest's 32 bytes: anything else is refused with the library's error
+    # before a statement runs, and the transaction stays usable.
+    with transaction.atomic():
+        with pytest.raises(InvalidEvent, match="64 hex characters"):
+            claim("billing", "e-1", fingerprint=fingerprint)
+        _, created = claim("billing", "e-1", fingerprint=DIGEST)
     assert created
-    assert ProcessedEvent.objects.get(event_id="e-1").fingerprint == fingerprint
+    assert ProcessedEvent.objects.get(event_id="e-1").fingerprint == DIGEST
 
 
-@pytest.mark.xfail(strict=True, reason="DigestField(max_length=32) validates the 64-char hex")
+def test_a_lookup_by_a_fingerprint_that_is_not_a_digest_is_refused() -> None:
+    with pytest.raises(InvalidEvent):
+        list(ProcessedEvent.objects.filter(fingerprint="not a digest"))
+
+
 def test_a_claimed_record_with_a_fingerprint_passes_full_clean() -> None:
-    # BinaryField's max_length adds MaxLengthValidator(32), but the model's value is the
-    # 64-character hex string: every record with a fingerprint fails full_clean() (a model form
-    # over the inbox, a data check, an import through full_clean) with "at most 32 characters".
+    # The model's value is the 64-character hex form of 32 bytes: full_clean() (a model form
+    # over the inbox, a data check, an import) checks that form, not the stored length.
     with idempotent("billing", "e-1", payload={"amount": 1}):
         pass
     record = ProcessedEvent.objects.get(event_id="e-1")
@@ -60,13 +57,15 @@ def test_a_claimed_record_with_a_fingerprint_passes_full_clean() -> None:
         record.full_clean()
     except ValidationError as exc:
         pytest.fail(f"full_clean() refuses a record the claim wrote: {exc.message_dict}")
+    record.fingerprint = "not a digest"
+    with pytest.raises(ValidationError) as refused:
+        record.full_clean()
+    assert list(refused.value.message_dict) == ["fingerprint"]
 
 
-@pytest.mark.xfail(strict=True, reason="the lazy record echoes the caller's spelling")
 def test_claim_record_fingerprint_reads_the_same_first_time_and_on_a_duplicate() -> None:
-    # An upper-case hex fingerprint is accepted (bytes.fromhex), stored as bytes and read back
-    # lower-case; the first claim's record is built from the caller's defaults instead, so the
-    # same row's fingerprint reads differently depending on whether it was just inserted.
+    # An upper-case hex fingerprint is stored as bytes and read back lower-case; the first
+    # claim's record, built from what the caller gave, reads lower-case too.
     upper = DIGEST.upper()
     with transaction.atomic():
         first, created = claim("billing", "e-1", fingerprint=upper)
@@ -74,7 +73,7 @@ def test_claim_record_fingerprint_reads_the_same_first_time_and_on_a_duplicate()
     with transaction.atomic():
         again, created = claim("billing", "e-1", fingerprint=upper)
     assert not created
-    assert first.fingerprint == again.fingerprint
+    assert first.fingerprint == again.fingerprint == DIGEST
 
 
 # --- What held ------------------------------------------------------------------------------
@@ -175,35 +174,57 @@ def test_a_payload_mismatch_against_a_row_written_as_bytes_is_seen() -> None:
     assert list(ProcessedEvent.objects.mismatched()) == [record]
 
 
-@pytest.mark.xfail(strict=True, reason="0008 decodes every stored fingerprint as hex")
-@pytest.mark.django_db(transaction=True)
-def test_migration_0008_upgrades_an_inbox_with_a_fingerprint_that_is_not_hex() -> None:
-    # Before 0008 the column was a CharField(64) that claim(fingerprint=...) filled with any
-    # text; such a row makes the upgrade itself fail (PostgreSQL: "invalid hexadecimal digit";
-    # elsewhere a ValueError from bytes.fromhex), so the deploy stops at the migration.
+def _migrate(name: str) -> None:
     from django.db.migrations.executor import MigrationExecutor
 
-    def migrate(name: str) -> None:
-        executor = MigrationExecutor(connection)
-        executor.loader.build_graph()
-        executor.migrate([("idempotency", name)])
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate([("idempotency", name)])
+
+
+def _latest() -> str:
+    from django.db.migrations.executor import MigrationExecutor
 
     leaves = MigrationExecutor(connection).loader.graph.leaf_nodes()
-    latest = next(n for app, n in leaves if app == "idempotency")
-    migrate("0007_exact_collation_on_mysql")
-    try:
-        with connection.cursor() as cursor:
+    return next(n for app, n in leaves if app == "idempotency")
+
+
+def _insert_old_rows(rows: list[tuple[str, str]]) -> None:
+    """Rows as 0007's schema holds them: the fingerprints as text."""
+    with connection.cursor() as cursor:
+        for event_id, fingerprint in rows:
             cursor.execute(
                 f"INSERT INTO {ProcessedEvent._meta.db_table} (consumer, event_id, processed_at, "
                 "outcome, reason, fingerprint, mismatch_fingerprint, duplicate_count) "
-                "VALUES ('billing', 'e-1', CURRENT_TIMESTAMP, 'processed', '', 'v1:order-42', "
-                "'', 0)"
+                "VALUES ('billing', %s, CURRENT_TIMESTAMP, 'processed', '', %s, '', 0)",
+                [event_id, fingerprint],
             )
-        migrate("0008_fingerprints_as_bytes")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_0008_upgrades_an_inbox_with_a_fingerprint_that_is_not_hex() -> None:
+    # Before 0008 the column was a CharField(64) that claim(fingerprint=...) filled with any
+    # text: such a value becomes the SHA-256 of its bytes, a digest, not a stopped upgrade; a
+    # hex digest in capitals is the same digest; an empty one stays empty.
+    import hashlib
+
+    latest = _latest()
+    _migrate("0007_exact_collation_on_mysql")
+    try:
+        _insert_old_rows([("e-1", "v1:order-42"), ("e-2", DIGEST.upper()), ("e-3", "")])
+        _migrate("0008_fingerprints_as_bytes")
+        stored = dict(ProcessedEvent.objects.values_list("event_id", "fingerprint"))
+        assert stored == {
+            "e-1": hashlib.sha256(b"v1:order-42").hexdigest(),
+            "e-2": DIGEST,
+            "e-3": "",
+        }
+        assert ProcessedEvent.objects.filter(fingerprint="").count() == 1
+        assert ProcessedEvent.objects.mismatched().count() == 0
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f"DELETE FROM {ProcessedEvent._meta.db_table}")
-        migrate(latest)
+        _migrate(latest)
 
 
 @pytest.mark.parametrize("record_duplicates", [False, True])
@@ -268,47 +289,32 @@ def test_dumpdata_and_loaddata_keep_the_fingerprints(tmp_path: Any) -> None:
     assert ProcessedEvent.objects.filter(fingerprint=DIGEST).count() == 1
 
 
-@pytest.mark.xfail(strict=True, reason="0008 is not re-runnable after a partial conversion")
 @pytest.mark.django_db(transaction=True)
-def test_migration_0008_can_be_run_again_after_it_stopped_half_way() -> None:
+def test_migration_0008_finishes_a_conversion_that_stopped_half_way() -> None:
     # MariaDB/MySQL cannot roll DDL back, so Django runs 0008 outside a transaction: the column
-    # is altered, then the rows are converted one UPDATE at a time, each committed. If the
-    # conversion stops half-way (a row it cannot decode, the process killed during the long
-    # row-by-row loop), the rows before it hold raw bytes and the migration is not recorded;
-    # running migrate again decodes those raw bytes as hex text and fails on them, for good.
-    # (Elsewhere the failed migration rolls back whole, and the rerun is clean.)
+    # is altered, then the rows are converted one UPDATE at a time, each committed. A conversion
+    # stopped half-way (the process killed during the long row-by-row loop) leaves the column
+    # altered, some rows as raw bytes and the migration unrecorded: running migrate again must
+    # finish it, not decode the converted rows a second time.
     if connection.features.can_rollback_ddl:
-        pytest.skip("the failed migration rolls back whole here")
-    from django.db.migrations.executor import MigrationExecutor
-
-    def migrate(name: str) -> None:
-        executor = MigrationExecutor(connection)
-        executor.loader.build_graph()
-        executor.migrate([("idempotency", name)])
-
-    leaves = MigrationExecutor(connection).loader.graph.leaf_nodes()
-    latest = next(n for app, n in leaves if app == "idempotency")
+        pytest.skip("a failed migration rolls back whole here")
     table = ProcessedEvent._meta.db_table
-    migrate("0007_exact_collation_on_mysql")
+    latest = _latest()
+    _migrate("0007_exact_collation_on_mysql")
     try:
+        _insert_old_rows([("e-1", "ab" * 32), ("e-2", "cd" * 32), ("e-3", "")])
         with connection.cursor() as cursor:
-            for event_id, fingerprint in [("e-1", "ab" * 32), ("e-2", "not hex")]:
-                cursor.execute(
-                    f"INSERT INTO {table} (consumer, event_id, processed_at, outcome, reason, "
-                    "fingerprint, mismatch_fingerprint, duplicate_count) "
-                    "VALUES ('billing', %s, CURRENT_TIMESTAMP, 'processed', '', %s, '', 0)",
-                    [event_id, fingerprint],
-                )
-        with pytest.raises(Exception):  # noqa: B017,PT011 (whichever error the backend gives)
-            migrate("0008_fingerprints_as_bytes")
-        # The operator removes the row that stopped it, and runs migrate again.
-        with connection.cursor() as cursor:
-            cursor.execute(f"DELETE FROM {table} WHERE event_id = 'e-2'")
-        migrate("0008_fingerprints_as_bytes")
-        assert ProcessedEvent.objects.get(event_id="e-1").fingerprint == "ab" * 32
+            # What the first run left: the columns altered, e-1's fingerprint converted.
+            for column in ("fingerprint", "mismatch_fingerprint"):
+                cursor.execute(f"ALTER TABLE {table} MODIFY {column} longblob NOT NULL")
+            cursor.execute(
+                f"UPDATE {table} SET fingerprint = %s WHERE event_id = 'e-1'",
+                [bytes.fromhex("ab" * 32)],
+            )
+        _migrate("0008_fingerprints_as_bytes")
+        stored = dict(ProcessedEvent.objects.values_list("event_id", "fingerprint"))
+        assert stored == {"e-1": "ab" * 32, "e-2": "cd" * 32, "e-3": ""}
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f"DELETE FROM {table}")
-        # A half-converted table stays as it is: the test database is dropped after the run.
-        with contextlib.suppress(Exception):
-            migrate(latest)
+        _migrate(latest)
