@@ -42,7 +42,7 @@ class DeadLetter(models.Model):
     reason = models.CharField(_("reason"), max_length=16, choices=Reason.choices)
     task_name = models.CharField(_("task"), max_length=200, blank=True)
     task_id = models.CharField(_("task id"), max_length=255, blank=True, db_index=True)
-    event_id = models.CharField(_("event id"), max_length=255, blank=True, db_index=True)
+    event_id = ExactCharField(_("event id"), max_length=255, blank=True, db_index=True)
     args = models.JSONField(_("arguments"), null=True, blank=True)
     kwargs = models.JSONField(_("keyword arguments"), null=True, blank=True)
     body = models.TextField(_("raw body"), blank=True, help_text=_("For undecodable messages."))
@@ -115,7 +115,7 @@ class DeliveryAttempt(models.Model):
 
     task_id = ExactCharField(_("task id"), max_length=255, unique=True)
     task_name = models.CharField(_("task"), max_length=200, blank=True)
-    event_id = models.CharField(_("event id"), max_length=255, blank=True)
+    event_id = ExactCharField(_("event id"), max_length=255, blank=True)
     deliveries = models.PositiveIntegerField(_("deliveries"), default=1)
     first_delivered_at = models.DateTimeField(_("first counted at"), db_default=Now())
     last_delivered_at = models.DateTimeField(_("last counted at"), db_default=Now())

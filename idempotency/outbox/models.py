@@ -9,6 +9,8 @@ from django.db import DEFAULT_DB_ALIAS, models, router, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from ..fields import ExactCharField
+
 
 class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def pending(self) -> OutboxMessageQuerySet:
@@ -69,7 +71,7 @@ class OutboxMessage(models.Model):
     args = models.JSONField(_("arguments"), default=list)
     kwargs = models.JSONField(_("keyword arguments"), default=dict)
     options = models.JSONField(_("publish options"), default=dict, blank=True)
-    event_id = models.CharField(_("event id"), max_length=255, blank=True, db_index=True)
+    event_id = ExactCharField(_("event id"), max_length=255, blank=True, db_index=True)
     created_at = models.DateTimeField(_("stored at"), default=timezone.now)
     published_at = models.DateTimeField(
         _("published at"),

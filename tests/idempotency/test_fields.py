@@ -20,7 +20,7 @@ from django.utils import timezone
 from idempotency.checks import check_exact_columns
 from idempotency.fields import ExactCharField, exact_collation
 from idempotency.inbox import idempotent
-from idempotency.models import IdempotencyKey, ProcessedEvent
+from idempotency.models import DeadLetter, IdempotencyKey, OutboxMessage, ProcessedEvent
 from orders.models import Order
 
 #: Ids that an inexact collation takes for one another, with the id they would collide with.
@@ -45,6 +45,9 @@ def test_the_ids_users_choose_are_exact_fields() -> None:
         "idempotency.IdempotencyKey.endpoint",
         "idempotency.IdempotencyKey.key",
         "idempotency.DeliveryAttempt.task_id",
+        "idempotency.DeliveryAttempt.event_id",
+        "idempotency.OutboxMessage.event_id",
+        "idempotency.DeadLetter.event_id",
         "orders.Order.order_id",
         "orders.Customer.customer_id",
         "orders.Product.product_id",
@@ -82,6 +85,20 @@ def test_http_keys_and_order_ids_that_differ_in_case_are_distinct() -> None:
             original_event_id=uuid.uuid4(),
         )
     assert Order.objects.get(order_id="ord-1").order_id == "ord-1"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_outbox_and_dead_letters_of_ids_that_differ_in_case_are_apart() -> None:
+    # The per-event page and the re-drive look rows up by event id: "ABC" is not "abc".
+    for event_id in VARIANTS:
+        OutboxMessage.objects.create(task_name="orders.tasks.place_order", event_id=event_id)
+        DeadLetter.objects.create(reason=DeadLetter.Reason.FAILED, event_id=event_id)
+    assert list(
+        OutboxMessage.objects.filter(event_id="abc").values_list("event_id", flat=True)
+    ) == ["abc"]
+    assert list(DeadLetter.objects.filter(event_id="abc").values_list("event_id", flat=True)) == [
+        "abc"
+    ]
 
 
 @pytest.mark.django_db
