@@ -101,8 +101,6 @@ def _claim_lazily(
         raise TransactionRequired(
             f"claim({consumer!r}, {event_id!r}) must run inside transaction.atomic(using={using!r})"
         )
-    if not consumer:
-        raise IdempotencyConfigurationError("a consumer name is required")
     defaults = {"fingerprint": fingerprint, "payload": payload}
     return claim_statement(using).lazily(using, consumer, event_id, defaults)
 
@@ -308,8 +306,6 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         return self
 
     def _enter(self) -> None:
-        if not self.consumer:
-            raise IdempotencyConfigurationError("a consumer name is required")
         self._record = None
         # Straight to the statement: the atomic block was just entered, so _claim's check for
         # one has nothing to find.
