@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import dj_database_url
 import psycopg
+from django.db import connection
 
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/idempotency_bench"
 
@@ -32,3 +34,18 @@ def recreate(url: str) -> None:
 
 def bench_url() -> str:
     return os.environ.get("DATABASE_URL") or DEFAULT_URL
+
+
+def sql(statement: str, params: list[object] | None = None) -> list[tuple[Any, ...]]:
+    """Run *statement* on Django's default connection; its rows, if it returns any."""
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params or [])
+        return cursor.fetchall() if cursor.description else []
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The *q* quantile of *values* (nearest rank), NaN for none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -31,6 +31,7 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
+from bench.database import percentile, sql  # noqa: E402
 from idempotency.inbox import idempotent  # noqa: E402
 from idempotency.models import ProcessedEvent  # noqa: E402
 
@@ -38,12 +39,6 @@ TABLE = ProcessedEvent._meta.db_table
 CONSUMERS = ["orders.tasks.place_order", "billing.tasks.debit", "shipping.tasks.ship"]
 CLAIMER = "bench.claimer"
 RETENTION = timedelta(days=30)
-
-
-def sql(statement: str, params: list[object] | None = None) -> list[tuple[object, ...]]:
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params or [])
-        return cursor.fetchall() if cursor.description else []
 
 
 # --- Filling the inbox ------------------------------------------------------------------------
@@ -163,13 +158,6 @@ class Measure:
     @property
     def rate(self) -> float:
         return self.deleted / self.seconds
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def measure(

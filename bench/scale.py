@@ -43,6 +43,7 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
+from bench.database import percentile, sql  # noqa: E402
 from bench.fill import TABLE, fill, insert_statement  # noqa: E402
 from idempotency.conf import app_settings  # noqa: E402
 from idempotency.inbox import idempotent  # noqa: E402
@@ -52,17 +53,6 @@ CONSUMER = "bench.scale"  # apart from the filled consumers, so duplicates are p
 FULL_SIZES = [10_000, 100_000, 1_000_000, 10_000_000]
 QUICK_SIZES = [10_000, 100_000]
 TOLERANCE = 0.10  # target 4: within 10% from the smallest size to the largest
-
-
-def sql(statement: str, params: list[object] | None = None) -> list[tuple[Any, ...]]:
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params or [])
-        return cursor.fetchall() if cursor.description else []
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def first_time(event_id: str) -> None:

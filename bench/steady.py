@@ -46,6 +46,7 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
 from django.test.utils import override_settings  # noqa: E402
 
+from bench.database import percentile, sql  # noqa: E402
 from idempotency.inbox import idempotent  # noqa: E402
 from idempotency.models import ProcessedEvent  # noqa: E402
 from idempotency.tasks import purge_processed_events  # noqa: E402
@@ -54,17 +55,6 @@ TABLE = ProcessedEvent._meta.db_table
 CONSUMER = "orders.tasks.place_order"
 FLAT = 0.05  # sizes over the last third of the run within 5%
 P99_TARGET_MS = 5.0
-
-
-def sql(statement: str, params: list[object] | None = None) -> list[tuple[Any, ...]]:
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params or [])
-        return cursor.fetchall() if cursor.description else []
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def claimer(rate: float, seconds: float, ready, go, results) -> None:  # type: ignore[no-untyped-def]
