@@ -398,8 +398,13 @@ class Scenario:
         concurrency: int = 2,
         visibility_timeout: int | None = None,
         env: dict[str, str] | None = None,
+        armed_to_die: bool = False,
     ) -> Worker:
-        """Start a real worker on the scenario's queue, with the fault hooks loaded."""
+        """Start a real worker on the scenario's queue, with the fault hooks loaded.
+
+        *armed_to_die*: a fault armed to kill the worker may fire before it is ready; its exit
+        is then expected (``ended``), not a failure of its start.
+        """
         self._count += 1
         name = f"w{self._count}"
         extra_env = {"FAULTS_DIR": str(self.faults), **(env or {})}
@@ -415,9 +420,10 @@ class Scenario:
                 extra_env=extra_env,
                 include=INCLUDE,
                 hostname=f"{self.queue}-{name}",
+                may_exit=armed_to_die,
             )
         )
-        worker = Worker(process, log, name)
+        worker = Worker(process, log, name, ended=armed_to_die)
         self.workers.append(worker)
         return worker
 
