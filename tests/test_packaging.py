@@ -129,9 +129,17 @@ def test_the_suite_runs_from_an_unpacked_sdist(
     assert len(modules(here.stdout)) > 50
 
 
-def test_the_readme_installs_the_wheel_make_dist_builds(dist: dict[str, Path]) -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert f'pip install "dist/{dist["wheel"].name}[' in readme
+#: Where a new user reads how to install: until a release is on a package index, each installs
+#: the wheel `make dist` builds, and none names a distribution pip cannot find.
+INSTALL_DOCUMENTS = ("README.md", "docs/getting-started.md")
+
+
+@pytest.mark.parametrize("document", INSTALL_DOCUMENTS)
+def test_the_docs_install_the_wheel_make_dist_builds(dist: dict[str, Path], document: str) -> None:
+    text = (ROOT / document).read_text()
+    assert "make dist" in text
+    assert f'pip install "dist/{dist["wheel"].name}[' in text
+    assert not re.search(r"pip install \"?django-idempotency", text)
 
 
 def test_twine_accepts_both(dist: dict[str, Path]) -> None:
