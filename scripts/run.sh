@@ -3,7 +3,8 @@
 # Ctrl-C stops everything. docs/deployment.md describes each process and variable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=.venv/bin
+# The environment make creates; BIN names another (an unpacked sdist's suite runs in its own).
+BIN=${BIN:-.venv/bin}
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 # gunicorn: WEB_WORKERS processes of WEB_THREADS threads. On PostgreSQL each process holds at

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What the sdist carries beside the app: the whole suite and everything it runs on.
-SUITE = ("tests", "project", "orders", "requirements")
+SUITE = ("tests", "project", "orders", "requirements", "scripts")
 SKIPPED_PARTS = {"__pycache__", ".pytest_cache"}
 
 pytestmark = pytest.mark.skipif(
@@ -96,13 +96,17 @@ def test_sdist_ships_the_whole_suite_or_nothing_of_it(dist: dict[str, Path]) -> 
     assert not [n for n in names if "__pycache__" in n]
 
 
-def test_the_suite_runs_from_an_unpacked_sdist(
-    dist: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def unpacked(dist: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     with tarfile.open(dist["sdist"]) as archive:
         archive.extractall(tmp_path, filter="data")
-    (unpacked,) = tmp_path.iterdir()
-    monkeypatch.delenv("DATABASE_URL", raising=False)
+    (top,) = tmp_path.iterdir()
+    for name in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"):
+        monkeypatch.delenv(name, raising=False)
+    return top
+
+
+def test_the_suite_runs_from_an_unpacked_sdist(unpacked: Path) -> None:
     collected = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
         cwd=unpacked,
@@ -127,6 +131,19 @@ def test_the_suite_runs_from_an_unpacked_sdist(
 
     assert modules(collected.stdout) == modules(here.stdout)
     assert len(modules(here.stdout)) > 50
+
+
+def test_a_live_test_passes_in_an_unpacked_sdist(unpacked: Path) -> None:
+    """Not only collected: a test that starts `make run`'s service (scripts/run.sh, on this
+    interpreter's environment, there being no .venv) and runs a README block against it."""
+    assert not (unpacked / ".venv").exists()
+    ran = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/integration/test_docs_commands.py::test_a_wrong_token_fails_the_commands"],
+        cwd=unpacked, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert "1 passed" in ran.stdout
 
 
 #: Where a new user reads how to install: until a release is on a package index, each installs

@@ -8,12 +8,14 @@ scripts/run.sh (what `make run` runs) on the embedded defaults, in a directory o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +26,10 @@ import pytest
 from tests.services import ROOT, wait_for
 
 SERVICE = "http://127.0.0.1:8000"
+#: The interpreter running the suite, and its environment's scripts (celery, gunicorn): what
+#: run.sh and the documents' commands run on, .venv/bin's in a checkout.
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
 #: Seconds for the embedded worker to apply the README's events: a payment that arrives before
 #: its order is retried with a growing countdown, which a loaded machine stretches.
 APPLIED_WITHIN = 300
@@ -48,6 +54,9 @@ class Service:
 
     def run(self, script: str) -> subprocess.CompletedProcess[str]:
         script = script.replace(SERVICE, f"http://127.0.0.1:{self.port}")
+        # The documents' interpreter is the one make creates; the suite's is this one (the
+        # same in a checkout, the only one in an unpacked sdist).
+        script = script.replace(".venv/bin/python", PYTHON)
         return subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
             cwd=ROOT,
@@ -88,8 +97,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         for k, v in os.environ.items()
         if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
     }
-    env.update(VAR_DIR=str(var), PORT=str(port), HOST="127.0.0.1", PATH=f"{ROOT / '.venv/bin'}:"
-               + env.get("PATH", ""))  # fmt: skip
+    env.update(VAR_DIR=str(var), PORT=str(port), HOST="127.0.0.1", BIN=str(BIN),
+               PATH=f"{BIN}:" + env.get("PATH", ""))  # fmt: skip
     log = var / "run.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -111,18 +120,27 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             pytest.fail(f"scripts/run.sh exited:\n{log.read_text()[-3000:]}", pytrace=False)
         yield Service(port, env, log)
     finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop run.sh's group; one that already exited (and why) is the fixture's to report."""
+    try:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+    except ProcessLookupError:
+        return  # the group is gone: nothing left to stop
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        process.wait(timeout=10)
 
 
 def token(service: Service) -> str:
     done = service.run(
         ".venv/bin/python manage.py drf_create_token admin | cut -d' ' -f3"
-    )  # the README's own way
+    )  # the README's own way (run() names this interpreter)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
