@@ -1,3 +1,3 @@
 """Apply each event's effect exactly once, however often a broker delivers it."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

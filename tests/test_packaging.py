@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What the sdist carries beside the app: the whole suite and everything it runs on.
@@ -222,3 +223,39 @@ def test_classifiers_and_docs_state_the_tested_matrix(dist: dict[str, Path]) -> 
         cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
         for series, cell in zip(matrix, cells, strict=True):
             assert cell.startswith("tested") == (python in matrix[series]), (python, series)
+
+
+def _changelog() -> tuple[str, str, str]:
+    """The [Unreleased] section's text, the newest released version and its date."""
+    text = (ROOT / "CHANGELOG.md").read_text()
+    headings = list(re.finditer(r"^## \[([^\]]+)\](?: - (\S+))?$", text, re.MULTILINE))
+    assert headings[0][1] == "Unreleased", "the changelog opens with [Unreleased]"
+    unreleased = text[headings[0].end() : headings[1].start()]
+    assert headings[1][2], f"{headings[1][1]} has no date"
+    return unreleased, headings[1][1], headings[1][2]
+
+
+def test_the_version_agrees_with_the_changelog(dist: dict[str, Path]) -> None:
+    """__version__, the built artefacts and CHANGELOG.md name the same release, or a
+    development release after the newest one while [Unreleased] collects its changes."""
+    stated = re.search(
+        r'^__version__ = "([^"]+)"$', (ROOT / "idempotency" / "__init__.py").read_text(), re.M
+    )
+    assert stated
+    version = Version(stated[1])
+    assert str(version) == stated[1], "a normalised PEP 440 version"
+    assert _metadata(dist["wheel"])["Version"] == str(version)
+    assert dist["wheel"].name.startswith(f"django_idempotency-{version}-")
+    assert dist["sdist"].name == f"django_idempotency-{version}.tar.gz"
+
+    unreleased, released, _ = _changelog()
+    if version.is_devrelease or version.is_prerelease:
+        assert version > Version(released), (version, released)
+        assert Version(version.base_version) > Version(released)
+    else:
+        assert str(version) == released, "a release is the changelog's newest entry"
+        assert not re.search(r"^- ", unreleased, re.M), f"{version} is out, [Unreleased] is not"
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert "[Unreleased]: https://" in text
+    assert re.search(rf"^\[Unreleased\]: \S+/compare/v{re.escape(released)}\.\.\.HEAD$", text, re.M)
+    assert re.search(rf"^\[{re.escape(released)}\]: \S+/v{re.escape(released)}$", text, re.M)
