@@ -12,6 +12,7 @@ from .exceptions import MissingExtra
 #: Extra -> the distributions it installs (as pyproject.toml declares them).
 EXTRAS = {
     "celery": "celery",
+    "kombu": "kombu",
     "drf": "djangorestframework",
     "openapi": "drf-spectacular and djangorestframework",
     "metrics": "prometheus-client",

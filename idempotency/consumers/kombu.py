@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-# kombu comes with the celery extra: without it, say so rather than fail on a bare import.
+# The kombu extra (celery brings kombu too): without it, say so rather than fail on a bare import.
 try:
     from kombu import Connection, Consumer, Queue
     from kombu.message import Message
 except ImportError as _exc:
     from ..extras import missing
 
-    raise missing("celery", "idempotency.consumers.KombuConsumer") from _exc
+    raise missing("kombu", "idempotency.consumers.KombuConsumer") from _exc
 
 from .processing import Delivery, EventConsumer, Outcome
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from idempotency.extras import EXTRAS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,7 +77,8 @@ else:
         ("idempotency.openapi", ["rest_framework"], "openapi"),
         ("idempotency.consumers.nats", ["nats"], "nats"),
         ("idempotency.consumers:JetStreamConsumer", ["nats"], "nats"),
-        ("idempotency.consumers:KombuConsumer", ["kombu"], "celery"),
+        ("idempotency.consumers:KombuConsumer", ["kombu"], "kombu"),
+        ("idempotency.consumers.kombu", ["kombu", "celery"], "kombu"),
     ],
 )
 def test_a_module_without_its_extra_names_the_extra(
@@ -112,7 +116,7 @@ CONSUME = ["consume_events", "--handler", "json.loads"]
         (
             [*CONSUME, "kombu", "--url", "memory://", "--queue", "q"],
             ["celery", "kombu"],
-            "celery",
+            "kombu",
         ),
         (
             [*CONSUME, "nats", "--stream", "s", "--subject", "x", "--durable", "d"],
@@ -165,5 +169,16 @@ def test_every_extra_is_declared() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    assert {"celery", "drf", "openapi", "metrics", "progress", "nats"} <= set(extras)
+    assert {"celery", "kombu", "drf", "openapi", "metrics", "progress", "nats"} <= set(extras)
     assert any(r.startswith("drf-spectacular") for r in extras["openapi"])
+    # The extras the errors name are the ones declared, and the README and docs/versions.md
+    # list each of them.
+    assert set(EXTRAS) == set(extras)
+    readme_list = re.search(r"^# extras: (.*(?:\n#   .*)*)", (ROOT / "README.md").read_text(), re.M)
+    assert readme_list, "the README lost its list of extras"
+    items = re.sub(r"\([^)]*\)", "", readme_list[1].replace("\n#   ", " "))
+    listed = {item.strip() for item in items.split(",")}
+    assert listed == set(extras), readme_list[1]
+    table = (ROOT / "docs" / "versions.md").read_text()
+    rows = set(re.findall(r"^\| `([a-z]+)` \|", table, re.M))
+    assert set(extras) <= rows, set(extras) - rows
