@@ -349,7 +349,9 @@ def redelivery_horizons(app: Any) -> list[Horizon]:
     horizons: list[Horizon] = []
     configured = app_settings.REDELIVERY_HORIZON
     if isinstance(configured, timedelta):
-        horizons.append(Horizon(configured, f"IDEMPOTENCY['REDELIVERY_HORIZON'] ({configured})"))
+        horizons.append(
+            Horizon(configured, f"IDEMPOTENCY['REDELIVERY_HORIZON'] ({_human(configured)})")
+        )
     if app is None:
         return horizons
     broker = broker_horizon(app)
@@ -392,9 +394,9 @@ def check_retention_outlasts_redelivery(
         if value < longest.delay:
             messages.append(
                 Warning(
-                    f"IDEMPOTENCY[{label}] ({value}) is shorter than the redelivery horizon: "
-                    f"{longest.source}. A record purged before its event's last redelivery "
-                    "lets that delivery be processed again.",
+                    f"IDEMPOTENCY[{label}] ({_human(value)}) is shorter than the redelivery "
+                    f"horizon: {longest.source}. A record purged before its event's last "
+                    "redelivery lets that delivery be processed again.",
                     hint="Keep records longer than every redelivery: raise the retention, or "
                     "shorten the broker's visibility timeout or the task's retries.",
                     id="idempotency.W001",
@@ -403,8 +405,24 @@ def check_retention_outlasts_redelivery(
     return messages
 
 
-def _human(seconds: float) -> str:
-    return str(timedelta(seconds=float(seconds)))
+def _human(duration: timedelta | float) -> str:
+    """A duration as people write it: "30 days", "1 hour 30 minutes", "0.5 seconds" (a
+    timedelta's own str gives "30 days, 0:00:00")."""
+    if not isinstance(duration, timedelta):
+        duration = timedelta(seconds=float(duration))
+    if duration < timedelta(0):
+        return f"-{_human(-duration)}"
+    hours, rest = divmod(duration.seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [
+        f"{count} {unit}{'' if count == 1 else 's'}"
+        for count, unit in ((duration.days, "day"), (hours, "hour"), (minutes, "minute"))
+        if count
+    ]
+    fraction = seconds + duration.microseconds / 1_000_000
+    if fraction or not parts:
+        parts.append(f"{fraction:g} second{'' if fraction == 1 else 's'}")
+    return " ".join(parts)
 
 
 @register("idempotency", Tags.database)
@@ -500,7 +518,7 @@ def check_reconciler(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
         if after < longest.delay:
             messages.append(
                 Warning(
-                    f"IDEMPOTENCY['RECONCILE_AFTER'] ({after}) is shorter than "
+                    f"IDEMPOTENCY['RECONCILE_AFTER'] ({_human(after)}) is shorter than "
                     f"{longest.source}: the outbox reconciler republishes messages that the "
                     "broker still holds or whose task is still retrying. Each is a duplicate "
                     "the inbox discards, but a retrying event then runs its retries twice, and "
@@ -518,9 +536,10 @@ def check_reconciler(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
         if isinstance(value, timedelta) and value > timedelta(0) and window + after > value:
             messages.append(
                 Warning(
-                    f"the outbox reconciler's last check comes {window} after a message's "
-                    f"publish (RECONCILE_AFTER {after}, RECONCILE_REPUBLISHES {republishes}), "
-                    f"past what IDEMPOTENCY[{label}] ({value}) lets it look back: it never "
+                    f"the outbox reconciler's last check comes {_human(window)} after a message's "
+                    f"publish (RECONCILE_AFTER {_human(after)}, RECONCILE_REPUBLISHES "
+                    f"{republishes}), past what IDEMPOTENCY[{label}] ({_human(value)}) lets it "
+                    "look back: it never "
                     "looks at a message older than the retention less RECONCILE_AFTER (its "
                     "inbox record may be purged), so one that never gets an outcome is closed "
                     "unchecked instead of marked failed.",
@@ -533,8 +552,9 @@ def check_reconciler(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
     if isinstance(declared, timedelta) and last_republish and last_republish > declared:
         messages.append(
             Warning(
-                f"the outbox reconciler republishes a message up to {last_republish} after its "
-                f"first publish, later than IDEMPOTENCY['REDELIVERY_HORIZON'] ({declared}) "
+                f"the outbox reconciler republishes a message up to {_human(last_republish)} after "
+                f"its first publish, later than IDEMPOTENCY['REDELIVERY_HORIZON'] "
+                f"({_human(declared)}) "
                 "says any producer publishes an event again.",
                 hint="Raise REDELIVERY_HORIZON to cover it (and keep the retention above it), "
                 "or shorten RECONCILE_AFTER or RECONCILE_REPUBLISHES.",
