@@ -18,6 +18,7 @@ EXTRAS = {
     "metrics": "prometheus-client",
     "progress": "tqdm",
     "nats": "nats-py",
+    "sqs": "boto3 (kombu[sqs])",
 }
 
 

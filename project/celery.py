@@ -43,7 +43,7 @@ def declare_sqs_queues(connection: Any) -> None:
     """
     from django.conf import settings
 
-    from project import sqs
+    from idempotency.celery import sqs
 
     if os.environ.get("CELERY_SQS_DECLARE", "1") == "0":
         return

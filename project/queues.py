@@ -36,7 +36,7 @@ def work_queue(
     worker. A queue's type cannot change: a quorum queue needs a name (or vhost) of its own.
 
     Redis, SQS and the filesystem transport ignore the arguments; the app's database dead letters
-    cover them (and SQS's redrive policy, project/sqs.py).
+    cover them (and SQS's redrive policy, idempotency.celery.sqs.declare_queues).
     """
     if queue_type not in QUEUE_TYPES:
         raise ValueError(f"queue type must be one of {', '.join(QUEUE_TYPES)}, not {queue_type!r}")

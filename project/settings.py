@@ -285,11 +285,12 @@ elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
         "socket_timeout": 10,
     }
 elif CELERY_BROKER_URL.startswith("sqs://"):
-    # kombu's SQS transport, with a reject that deletes and redeliveries flagged (project/sqs.py).
+    # kombu's SQS transport, with a reject that deletes and redeliveries flagged (the library's
+    # idempotency.celery.sqs; project/sqs.py reads its options from the environment).
     # The visibility timeout follows the same horizon rule as Redis's.
     from project import sqs as project_sqs
 
-    CELERY_BROKER_TRANSPORT = "project.sqs:Transport"
+    CELERY_BROKER_TRANSPORT = "idempotency.celery.sqs:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = project_sqs.transport_options(
         os.environ, visibility_timeout=CELERY_TASK_TIME_LIMIT + MAX_RETRY_DELAY + 300
     )

@@ -80,6 +80,8 @@ def test_wheel_ships_the_app_only(dist: dict[str, Path]) -> None:
         # The capabilities' subpackages, which idempotency.models and idempotency.admin import.
         *(f"idempotency/{package}/{module}.py" for package in CAPABILITIES for module in PARTS),
         "idempotency/celery/__init__.py",
+        # Amazon SQS with the delivery rule kept (the sqs extra), not only in the example.
+        "idempotency/celery/sqs.py",
     ):
         assert needed in names, needed
     assert any(n.startswith("idempotency/templates/") for n in names)

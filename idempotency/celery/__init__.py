@@ -16,10 +16,16 @@ outcome is durable: the effect and its inbox record committed, or a dead letter 
 - a delivery whose claim committed is done, even if an ``on_commit`` callback raised afterwards.
 
 Where each part lives: :mod:`.task` (``IdempotentTask``, the delivery rules above),
-:mod:`.decorator` (``idempotent_task``), :mod:`.consumer` (``DeadLetterConsumer``).
+:mod:`.decorator` (``idempotent_task``), :mod:`.consumer` (``DeadLetterConsumer``),
+:mod:`.sqs` (Amazon SQS with the rule kept: the ``sqs`` extra).
+
+The names below are loaded on first use, as the capability packages' are: a settings module
+may import :mod:`.sqs` (its transport options) before the app registry is ready.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 # The celery extra: without it, say which to install rather than fail on a bare import.
 try:
@@ -29,10 +35,25 @@ except ImportError as _exc:
 
     raise missing("celery", "idempotency.celery") from _exc
 
-from ..transient import TRANSIENT_BACKOFF_FIRST, TRANSIENT_BACKOFF_MAX
-from .consumer import DeadLetterConsumer
-from .decorator import SAFE_TASK_OPTIONS, idempotent_task
-from .task import DELIVERY_COUNT_HEADER, IdempotentTask, delivery_number
+from ..faces import lazy_names
+
+if TYPE_CHECKING:
+    from ..transient import TRANSIENT_BACKOFF_FIRST, TRANSIENT_BACKOFF_MAX
+    from .consumer import DeadLetterConsumer
+    from .decorator import SAFE_TASK_OPTIONS, idempotent_task
+    from .task import DELIVERY_COUNT_HEADER, IdempotentTask, delivery_number
+
+#: Public name -> the module that defines it.
+_PUBLIC = {
+    "DELIVERY_COUNT_HEADER": ".task",
+    "SAFE_TASK_OPTIONS": ".decorator",
+    "TRANSIENT_BACKOFF_FIRST": "..transient",
+    "TRANSIENT_BACKOFF_MAX": "..transient",
+    "DeadLetterConsumer": ".consumer",
+    "IdempotentTask": ".task",
+    "delivery_number": ".task",
+    "idempotent_task": ".decorator",
+}
 
 __all__ = [
     "DELIVERY_COUNT_HEADER",
@@ -44,3 +65,6 @@ __all__ = [
     "delivery_number",
     "idempotent_task",
 ]
+
+
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC)

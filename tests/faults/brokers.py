@@ -27,8 +27,8 @@ import redis
 from botocore.exceptions import ClientError
 from kombu import Connection
 
+from idempotency.celery.sqs import declare_queues, queue_names
 from project.queues import dead_letter_queue, work_queue
-from project.sqs import declare_queues, queue_names
 from project.sqs import transport_options as sqs_transport_options
 from tests.services import AMQP_URL, reachable, unavailable
 from tests.sqs import SQS_ENV, SQSEmulator
@@ -336,8 +336,8 @@ class LocalSQS(Broker):
     """The suite's SQS: a local emulator of the SQS API (tests/sqs.py), started once per run.
 
     Each scenario's queues are declared as the example's worker declares them
-    (``project.sqs.declare_queues``): the work queue with a visibility timeout and a redrive
-    policy, and ``<queue>-dead``. The emulator keeps everything in memory: it cannot restart
+    (``idempotency.celery.sqs.declare_queues``): the work queue with a visibility timeout and a
+    redrive policy, and ``<queue>-dead``. The emulator keeps everything in memory: it cannot restart
     with its messages, so the scenarios that restart or stop the broker do not run on SQS.
     """
 

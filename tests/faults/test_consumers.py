@@ -265,8 +265,8 @@ SQS_VISIBILITY = 2
 def test_kombu_consumer_on_sqs_killed_inside_the_transaction_and_before_the_ack(
     sqs_emulator: Any, tmp_path: Path, row: Callable[[str, str, str], Row]
 ) -> None:
-    """21d. The same on SQS (the emulator, tests/sqs.py) through the example's transport
-    (project/sqs.py: it flags a redelivery and deletes an acknowledged message), named with
+    """21d. The same on SQS (the emulator, tests/sqs.py) through the library's transport
+    (idempotency.celery.sqs: it flags a redelivery and deletes an acknowledged message), named with
     ``--transport`` and configured with ``--transport-option``."""
     from project import sqs
     from project.queues import work_queue
@@ -301,7 +301,7 @@ def test_kombu_consumer_on_sqs_killed_inside_the_transaction_and_before_the_ack(
             "--queue",
             name,
             "--transport",
-            "project.sqs:Transport",
+            "idempotency.celery.sqs:Transport",
             *(
                 arg
                 for key, value in options.items()

@@ -79,6 +79,10 @@ else:
         ("idempotency.consumers:JetStreamConsumer", ["nats"], "nats"),
         ("idempotency.consumers:KombuConsumer", ["kombu"], "kombu"),
         ("idempotency.consumers.kombu", ["kombu", "celery"], "kombu"),
+        ("idempotency.celery.sqs", ["boto3"], "sqs"),
+        ("idempotency.celery.sqs:Transport", ["boto3"], "sqs"),
+        # It sits under idempotency.celery: without Celery, that extra is named first.
+        ("idempotency.celery.sqs", ["celery"], "celery"),
     ],
 )
 def test_a_module_without_its_extra_names_the_extra(
@@ -169,7 +173,9 @@ def test_every_extra_is_declared() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    assert {"celery", "kombu", "drf", "openapi", "metrics", "progress", "nats"} <= set(extras)
+    assert {"celery", "kombu", "drf", "openapi", "metrics", "progress", "nats", "sqs"} <= set(
+        extras
+    )
     assert any(r.startswith("drf-spectacular") for r in extras["openapi"])
     # The extras the errors name are the ones declared, and the README and docs/versions.md
     # list each of them.
@@ -182,3 +188,5 @@ def test_every_extra_is_declared() -> None:
     table = (ROOT / "docs" / "versions.md").read_text()
     rows = set(re.findall(r"^\| `([a-z]+)` \|", table, re.M))
     assert set(extras) <= rows, set(extras) - rows
+    assert any(r.startswith("kombu[sqs]") for r in extras["sqs"])
+    assert any(r.startswith("celery") for r in extras["sqs"])

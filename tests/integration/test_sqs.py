@@ -1,7 +1,8 @@
-"""The example on Amazon SQS (project/sqs.py), against a local SQS emulator (tests/sqs.py).
+"""Amazon SQS (idempotency.celery.sqs, the example's options in project/sqs.py), against a
+local SQS emulator (tests/sqs.py).
 
 kombu's own SQS transport leaves a message rejected without requeue in SQS (it comes back after
-the visibility timeout) and never flags a redelivery; the example's transport deletes the one and
+the visibility timeout) and never flags a redelivery; the library's transport deletes the one and
 flags the other. The worker's declaration gives the work queue its visibility timeout and a
 redrive policy to ``<queue>-dead``, which ``dead_letters import`` drains.
 """
@@ -101,8 +102,8 @@ def test_a_reject_without_requeue_deletes_the_message(
 def test_kombus_own_transport_hands_a_rejected_message_out_again(
     sqs_emulator: SQSEmulator, queue: str
 ) -> None:
-    """The gap project/sqs.py closes, shown on kombu's transport (if kombu fixes it, this fails
-    and the override can go)."""
+    """The gap idempotency.celery.sqs closes, shown on kombu's transport (if kombu fixes it, this
+    fails and the override can go)."""
     from kombu.transport.SQS import Transport as KombuTransport
 
     with _connection(sqs_emulator, KombuTransport) as conn:
@@ -143,6 +144,38 @@ def test_a_redelivery_is_flagged_and_a_requeue_is_at_once(
         second = channel._message_to_python(raw, queue, url)
         assert second["properties"]["delivery_info"]["redelivered"] is True
         sqs_emulator.client.delete_message(QueueUrl=url, ReceiptHandle=raw["ReceiptHandle"])
+
+
+def test_a_plain_kombu_receive_flags_a_redelivery_too(
+    sqs_emulator: SQSEmulator, queue: str
+) -> None:
+    """kombu's synchronous receive (a plain kombu consumer, ``Queue.get``) asks SQS for no
+    attribute; the library's asks for the receive count, so the redelivery is flagged there too
+    (kombu's own transport leaves it unflagged)."""
+    from kombu.transport.SQS import Transport as KombuTransport
+
+    plain = {"region": "us-east-1", "is_secure": False, "wait_time_seconds": 0}
+    for transport, options, flagged in (
+        (sqs.Transport, None, True),
+        # Options written by hand, with no fetch_message_attributes: asked for all the same.
+        (sqs.Transport, plain, True),
+        (KombuTransport, None, False),
+    ):
+        if options is None:
+            conn = _connection(sqs_emulator, transport)
+        else:
+            conn = Connection(sqs_emulator.url, transport=transport, transport_options=options)
+        with conn:
+            _publish(conn, queue, {"n": 5})
+            first = _get(conn, queue, wait=5)
+            assert first is not None
+            assert not first.delivery_info.get("redelivered")
+            first.reject(requeue=True)
+            again = _get(conn, queue, wait=5)
+            assert again is not None
+            assert again.payload == {"n": 5}
+            assert bool(again.delivery_info.get("redelivered")) is flagged, (transport, options)
+            again.ack()
 
 
 def test_the_redrive_policy_moves_a_message_to_the_dead_letter_queue(
@@ -223,6 +256,33 @@ def test_transport_options_from_the_environment() -> None:
     assert sqs.queue_names("orders", "prod-") == ("prod-orders", "prod-orders-dead")
 
 
+def test_the_shipped_options_fetch_the_receive_count() -> None:
+    """What a project on the sqs extra copies: the receive count is fetched (or the redelivery
+    flag could never be set), whatever else it asks for."""
+    from idempotency.celery import sqs as shipped
+
+    options = shipped.transport_options(visibility_timeout=900, region="eu-west-1")
+    assert options["fetch_message_attributes"] == ["ApproximateReceiveCount"]
+    assert (options["visibility_timeout"], options["wait_time_seconds"]) == (900, 20)
+    assert options["region"] == "eu-west-1"
+    more = shipped.transport_options(
+        visibility_timeout=60, fetch_message_attributes=["SentTimestamp"], queue_name_prefix="p-"
+    )
+    assert more["fetch_message_attributes"] == ["SentTimestamp", "ApproximateReceiveCount"]
+    assert more["queue_name_prefix"] == "p-"
+    everything = shipped.transport_options(visibility_timeout=60, fetch_message_attributes=["All"])
+    assert everything["fetch_message_attributes"] == ["All"]
+
+
+def test_the_example_path_is_the_shipped_transport() -> None:
+    """``project.sqs:Transport`` (the example's older path) is the library's, re-exported."""
+    from idempotency.celery import sqs as shipped
+
+    for name in ("Transport", "Channel", "declare_queues", "declare_from_connection"):
+        assert getattr(sqs, name) is getattr(shipped, name), name
+    assert sqs.Transport.Channel is shipped.Channel
+
+
 def test_w001_reads_the_sqs_visibility_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """idempotency.W001 compares the retention with the redelivery horizon: on SQS, the
     visibility timeout the example sets (the task time limit + the longest countdown + 5 min)."""
@@ -271,7 +331,7 @@ def test_the_example_settings_on_sqs() -> None:
     )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
-    assert found["CELERY_BROKER_TRANSPORT"] == "project.sqs:Transport"
+    assert found["CELERY_BROKER_TRANSPORT"] == "idempotency.celery.sqs:Transport"
     assert found["CELERY_BROKER_TRANSPORT_OPTIONS"]["visibility_timeout"] == 900
     assert found["CELERY_BROKER_TRANSPORT_OPTIONS"]["wait_time_seconds"] == 20
     assert found["SQS_MAX_RECEIVE_COUNT"] == 7

@@ -172,8 +172,8 @@ def handlers_event() -> dict[str, Any]:
 def test_on_sqs_with_the_example_transport_each_event_is_applied_once(
     sqs_emulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQS through the example's transport (project/sqs.py), which flags a redelivery and deletes
-    an acknowledged message; the emulator stands in for SQS (tests/sqs.py)."""
+    """SQS through the library's transport (idempotency.celery.sqs), which flags a redelivery
+    and deletes an acknowledged message; the emulator stands in for SQS (tests/sqs.py)."""
     from project import sqs
     from project.queues import work_queue
     from tests.integration.test_sqs import _attributes, _connection
