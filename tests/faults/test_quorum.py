@@ -59,10 +59,12 @@ def _dead_letter_reasons(broker: RabbitMQ, name: str) -> list[str]:
 
 @pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
 def test_quorum_queue_delivery_limit(scenario: NewScenario, broker: Broker) -> None:
-    """19e. A handler over its hard time limit on every delivery (its pool process SIGKILLed
-    each time) on a quorum queue with ``x-delivery-limit`` 2 and the app's ``DELIVERY_LIMIT``
-    (10) above it: 3 deliveries, then RabbitMQ dead-letters it (reason ``delivery_limit``);
-    ``dead_letters import`` makes it one dead letter; the 20 events behind it are applied."""
+    """19e. A handler over its hard time limit on every delivery (it swallows the soft limit;
+    at the hard one billiard ends its pool process with SIGTERM, then SIGKILL if it is still
+    alive 0.1 s later, and the parent requeues the message) on a quorum queue with
+    ``x-delivery-limit`` 2 and the app's ``DELIVERY_LIMIT`` (10) above it: 3 deliveries, then
+    RabbitMQ dead-letters it (reason ``delivery_limit``); ``dead_letters import`` makes it one
+    dead letter; the 20 events behind it are applied."""
     assert isinstance(broker, RabbitMQ)
     s = scenario("19e", "killed on every delivery: a quorum queue's x-delivery-limit 2")
     events = Events(seed=195)
