@@ -232,7 +232,16 @@ def e2e_section(result: Result) -> list[str]:
         "transport with the example's prompt acknowledgement, project/embedded_broker.py) in "
         "front of the same PostgreSQL; the `sqs` rows run through moto's SQS emulator on the "
         "same machine (or `BENCH_SQS_URL`): they measure the example's SQS path with the "
-        "emulator's speed, not Amazon SQS's.",
+        "emulator's speed, not Amazon SQS's. The rate of one pool process is not the "
+        "emulator's doing: with prefetch 1, kombu's asynchronous SQS channel checks for a free "
+        "slot once per pass of the worker's event loop, the acknowledgement frees it after "
+        "that pass's check, and nothing wakes the next pass (an idle pool, and SQS requests "
+        "are plain HTTP with no socket to watch) until a timer, kombu's HTTP client ticking "
+        "once a second: about one message a second, and Amazon SQS goes through the same loop "
+        "(not measured there). Long polling plays no "
+        "part (`wait_time_seconds` 0 drains at the same rate). With 2 pool processes a slot is "
+        "free while the other runs, and its results wake the loop: run SQS workers with 2 or "
+        "more (docs/celery.md, Amazon SQS).",
     ]
     for broker, runs in e2e.get("profiles", {}).items():
         rates = ", ".join(f"{kind} {run['rate']:,.0f} tasks/s" for kind, run in runs.items())

@@ -60,8 +60,9 @@ BROKERS = {
     "sqs": os.environ.get("BENCH_SQS_URL", ""),
 }
 EMBEDDED_TASKS = 200
-#: Tasks per SQS run of a quick (smoke) run: through the emulator one pool process drains
-#: about 2 a second.
+#: Tasks per SQS run of a quick (smoke) run: one pool process drains about 1-2 a second
+#: (kombu's SQS channel waits for the event loop's next 1 s tick after each acknowledgement:
+#: docs/benchmarks.md, Celery end to end).
 QUICK_SQS_TASKS = 30
 #: What a process needs to reach the local emulator (any credentials do; plain HTTP).
 SQS_ENV = {
