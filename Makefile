@@ -52,7 +52,7 @@ dist: $(STAMP)  ## build the wheel and the sdist into dist/ and check them with 
 # Every (Python, Django) pair of docs/versions.md on SQLite and PostgreSQL; ARGS='-t ci' for
 # the oldest and the newest only, ARGS='-s mariadb' for MariaDB.
 NOX_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/idempotency
-nox: $(STAMP)  ## the version matrix (about 3 minutes a session)
+nox: $(STAMP)  ## the version matrix (about 5 minutes per database of a session)
 	NOX_POSTGRES_URL=$(NOX_POSTGRES_URL) $(BIN)/nox $(ARGS)
 
 # schemathesis (every check, bounded examples, a fixed seed) against gunicorn on PostgreSQL.

@@ -6,7 +6,7 @@ session runs it on MariaDB/MySQL (``NOX_MYSQL_URL``). docs/versions.md is the sa
 prose; tests/test_packaging.py holds the classifiers of pyproject.toml to ``MATRIX``.
 
     nox -s "tests-3.10(django='5.2')"      # one combination
-    nox -t ci                              # the oldest and the newest, as .ci/run does
+    nox -t ci                              # the oldest and the newest (.ci/run: one database each)
 """
 
 from __future__ import annotations
