@@ -4,7 +4,7 @@ are shown to the millisecond; each record links to the page of its event."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin
 from django.db import models
@@ -42,25 +42,32 @@ def precise(value: datetime | None) -> str:
     return f"{text} {zone}".strip()
 
 
-class PreciseTimesAdmin(admin.ModelAdmin):
+if TYPE_CHECKING:
+    _AdminBase = admin.options.BaseModelAdmin
+else:
+    _AdminBase = object
+
+
+class PreciseTimes(_AdminBase):
     """Shows every ``DateTimeField`` of the model with seconds and milliseconds.
 
-    Each such field named in ``list_display``, ``readonly_fields`` or ``fieldsets`` is shown
-    through a display function of the same name (sortable by the field), and left out of the
-    form, so it is never shown twice.
+    Each such field named in ``list_display``, ``readonly_fields``, ``fields`` or ``fieldsets``
+    is shown through a display function of the same name (sortable by the field), and left out
+    of the form, so it is never shown twice. A mixin for a ``ModelAdmin`` and for an inline
+    (``class PaymentInline(PreciseTimes, admin.TabularInline)``); :class:`PreciseTimesAdmin` is
+    the ``ModelAdmin`` with it.
     """
 
-    def __init__(self, model: type[models.Model], admin_site: Any) -> None:
-        super().__init__(model, admin_site)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._precise: dict[str, Any] = {
-            f.name: _display(f) for f in model._meta.fields if isinstance(f, models.DateTimeField)
+            f.name: _display(f)
+            for f in self.model._meta.fields
+            if isinstance(f, models.DateTimeField)
         }
 
     def _swap(self, names: Any) -> list[Any]:
         return [self._precise.get(n, n) if isinstance(n, str) else n for n in names]
-
-    def get_list_display(self, request: Any) -> Any:
-        return self._swap(super().get_list_display(request))
 
     def get_readonly_fields(self, request: Any, obj: Any = None) -> Any:
         return self._swap(super().get_readonly_fields(request, obj))
@@ -74,6 +81,14 @@ class PreciseTimesAdmin(admin.ModelAdmin):
             (name, {**options, "fields": self._swap(options.get("fields", ()))})
             for name, options in fieldsets
         ]
+
+
+class PreciseTimesAdmin(PreciseTimes, admin.ModelAdmin):
+    """A ``ModelAdmin`` showing its times with seconds and milliseconds (:class:`PreciseTimes`),
+    in its changelist too."""
+
+    def get_list_display(self, request: Any) -> Any:
+        return self._swap(super().get_list_display(request))
 
 
 def _display(field: models.DateTimeField) -> Any:

@@ -6,7 +6,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 
-from idempotency.admin_base import event_link
+from idempotency.admin_base import PreciseTimes, PreciseTimesAdmin, event_link
 
 from .models import (
     ConfirmationEmail,
@@ -25,15 +25,15 @@ def processed_events_link(event_id: Any) -> str:
     return event_link(event_id)
 
 
-class EventDerivedAdmin(admin.ModelAdmin):
+class EventDerivedAdmin(PreciseTimesAdmin):
     """Rows that only events create and change: shown, never added, edited or deleted here.
 
     An edit would contradict the inbox, which says the event's effect happened exactly once;
-    a correction is another event.
+    a correction is another event. Times show seconds and milliseconds, as in the inbox.
     """
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        own = [f.name for f in self.model._meta.fields]
+        own = self._swap(f.name for f in self.model._meta.fields)
         return [*own, *(f for f in super().get_readonly_fields(request, obj) if f not in own)]
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
@@ -52,7 +52,7 @@ class ProductAdmin(admin.ModelAdmin):
     search_fields = ("product_id", "name")
 
 
-class LedgerEntryInline(admin.TabularInline):
+class LedgerEntryInline(PreciseTimes, admin.TabularInline):
     model = LedgerEntry
     extra = 0
     fields = ("created_at", "amount", "reason", "balance_after", "original_event_id")
@@ -83,7 +83,7 @@ class OrderItemInline(admin.TabularInline):
         return False
 
 
-class PaymentInline(admin.TabularInline):
+class PaymentInline(PreciseTimes, admin.TabularInline):
     model = Payment
     extra = 0
     fields = ("payment_id", "amount", "currency", "received_at", "original_event_id")
