@@ -7,6 +7,7 @@ from __future__ import annotations
 
 # The per-event page reads every capability's records, so it sits above them; it is served
 # under the inbox's admin.
+from .console.admin import EventAdmin
 from .console.views import urls as _event_urls
 from .deadletters.admin import DeadLetterAdmin
 from .http.admin import IdempotencyKeyAdmin
@@ -17,6 +18,7 @@ ProcessedEventAdmin.extra_urls = staticmethod(_event_urls)
 
 __all__ = [
     "DeadLetterAdmin",
+    "EventAdmin",
     "IdempotencyKeyAdmin",
     "OutboxMessageAdmin",
     "ProcessedEventAdmin",

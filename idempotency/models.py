@@ -4,11 +4,13 @@ Django imports ``idempotency.models`` and gives every model found through it the
 "idempotency" (tables ``idempotency_<model>``), wherever the class is defined; it also keeps
 ``idempotency.models.<Model>`` working. Each model lives with its capability:
 ``inbox/models.py`` (ProcessedEvent), ``http/models.py`` (IdempotencyKey),
-``outbox/models.py`` (OutboxMessage), ``deadletters/models.py`` (DeadLetter, DeliveryAttempt).
+``outbox/models.py`` (OutboxMessage), ``deadletters/models.py`` (DeadLetter, DeliveryAttempt),
+``console/models.py`` (Event, the admin index's entry for the per-event pages: a proxy, no table).
 """
 
 from __future__ import annotations
 
+from .console.models import Event
 from .deadletters.models import (
     DeadLetter,
     DeadLetterQuerySet,
@@ -40,6 +42,7 @@ __all__ = [
     "DeadLetterQuerySet",
     "DeliveryAttempt",
     "DeliveryAttemptQuerySet",
+    "Event",
     "IdempotencyKey",
     "IdempotencyKeyQuerySet",
     "KeyState",

@@ -34,6 +34,7 @@ def story(api_client: APIClient, settings: Any) -> Story:
 def test_every_page_of_the_console(admin_page: Admin, story: Story) -> None:
     page = admin_page.open("/admin/")
     assert page.locator("#user-tools").inner_text().upper().startswith("WELCOME")
+    assert page.get_by_role("link", name="Find an event").is_visible()
     admin_page.shoot("01-dashboard")
 
     page = admin_page.open("/admin/idempotency/processedevent/")
@@ -74,8 +75,10 @@ def test_what_happened_to_an_event_from_search_to_every_record(
     admin_page: Admin, story: Story
 ) -> None:
     event_id = story.followed["eventId"]
-    # From the inbox's search, with the first characters of the id only.
-    page = admin_page.open("/admin/idempotency/processedevent/event/")
+    # From the inbox's list, through its "Find an event" link, with the id's first characters.
+    page = admin_page.open("/admin/idempotency/processedevent/")
+    page.click("#find-an-event")
+    page.wait_for_url(re.compile(r"/admin/idempotency/processedevent/event/$"))
     page.fill("#event-q", event_id[:34])
     page.click('#event-search input[type="submit"]')
     page.wait_for_load_state()

@@ -131,11 +131,13 @@ def test_the_models_register_under_the_app_label_with_their_tables() -> None:
         "OutboxMessage",
         "DeadLetter",
         "DeliveryAttempt",
+        "Event",  # the admin index's entry for the per-event pages: a proxy of the inbox
     }
     for name, model in registered.items():
         assert getattr(models, name) is model
         assert model._meta.app_label == "idempotency"
-        assert model._meta.db_table == f"idempotency_{name.lower()}"
+        table = model._meta.concrete_model.__name__.lower()
+        assert model._meta.db_table == f"idempotency_{table}"
 
 
 WITHOUT_EXTRAS = """
@@ -178,11 +180,12 @@ def test_the_models_and_admin_load_without_celery_or_drf() -> None:
     assert models == [
         "DeadLetter",
         "DeliveryAttempt",
+        "Event",
         "IdempotencyKey",
         "OutboxMessage",
         "ProcessedEvent",
     ]
-    assert admins == ["DeadLetter", "IdempotencyKey", "OutboxMessage", "ProcessedEvent"]
+    assert admins == ["DeadLetter", "Event", "IdempotencyKey", "OutboxMessage", "ProcessedEvent"]
 
 
 # --- Layering: shared pieces below the capabilities, the integrations and faces above -------
