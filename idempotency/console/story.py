@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from django.db import models
 from django.db.models import Q
 
-from ..entities import rows_for_event
+from ..entities import EventIdField, event_keyed_models, rows_for_event
 
 #: At most this many rows of each kind on one page: an event has a handful; a prefix that
 #: matches thousands is narrowed by the search instead.
@@ -80,7 +81,8 @@ def keys_of_event(keys: models.QuerySet[Any], event_id: str) -> models.QuerySet[
 
 
 def matching_event_ids(prefix: str, *, limit: int = LIMIT) -> list[str]:
-    """Event ids that start with *prefix*, from the inbox, the outbox and the dead letters."""
+    """Event ids that start with *prefix*: in the inbox, the outbox, the dead letters, and the
+    business rows (an :class:`~idempotency.entities.EventIdField`), which outlive the purge."""
     from ..models import DeadLetter, OutboxMessage, ProcessedEvent
 
     prefix = prefix.strip()
@@ -96,4 +98,32 @@ def matching_event_ids(prefix: str, *, limit: int = LIMIT) -> list[str]:
             .distinct()[: limit + 1]
         )
         found.update(ids)
+    found.update(_entity_event_ids(prefix, limit=limit + 1))
     return sorted(found)[: limit + 1]
+
+
+#: The start of a UUID as an EventIdField's value reads: lower-case hex digits and hyphens.
+_UUID_START = re.compile(r"[0-9a-f]{1,8}(-[0-9a-f]{0,4}){0,3}(-[0-9a-f]{0,12})?")
+
+
+def _entity_event_ids(prefix: str, *, limit: int) -> set[str]:
+    """The ids, as text, of the events that created business rows, starting with *prefix*."""
+    if not _UUID_START.fullmatch(prefix):
+        return set()  # no EventIdField's value starts so
+    found: set[str] = set()
+    for model in event_keyed_models():
+        for column in model._meta.get_fields():
+            if isinstance(column, EventIdField):
+                ids = (
+                    model._default_manager.filter(**{f"{column.name}__startswith": prefix})
+                    .order_by(column.name)
+                    .values_list(column.name, flat=True)[:limit]
+                )
+                found.update(str(each) for each in ids)
+    return found
+
+
+def is_known(event_id: str) -> bool:
+    """Whether any record names exactly *event_id*: the search's test for a whole id that no
+    prefix found (an event known only by the key whose response names it)."""
+    return event_story(event_id).known

@@ -16,7 +16,7 @@ from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.translation import gettext as _
 
 from ..admin_base import EVENT_URL_NAME, event_url, precise
-from .story import LIMIT, event_story, matching_event_ids
+from .story import LIMIT, event_story, is_known, matching_event_ids
 
 URL_NAME = EVENT_URL_NAME
 
@@ -113,8 +113,11 @@ def search_view(request: HttpRequest, site: admin.AdminSite) -> HttpResponse:
 
     query = str(request.GET.get("q", "")).strip()[:255]
     matches = matching_event_ids(query) if query else []
-    if len(matches) == 1 or query in matches:
-        return HttpResponseRedirect(event_url(query if query in matches else matches[0]))
+    if query in matches or (query and is_known(query)):
+        # The whole id of a known event: its page, even if other ids start with it too.
+        return HttpResponseRedirect(event_url(query))
+    if len(matches) == 1:
+        return HttpResponseRedirect(event_url(matches[0]))
     context = {
         **site.each_context(request),
         "title": _("Find an event"),

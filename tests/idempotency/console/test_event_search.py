@@ -1,14 +1,18 @@
-"""Finding an event: the search page, reached from the admin's index and the inbox's list."""
+"""Finding an event: the search page, where it is linked from, and what it finds."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
+from django.utils import timezone
 
-from tests.factories import UserFactory
+from idempotency.admin_base import event_url
+from idempotency.models import IdempotencyKey, ProcessedEvent
+from tests.factories import OrderFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -56,3 +60,49 @@ def test_nor_for_a_user_who_may_view_none() -> None:
 
 def test_the_inbox_list_links_the_search(root: Client) -> None:
     assert links(root.get("/admin/idempotency/processedevent/").content.decode()) == 1
+
+
+# --- An event known only by its business rows or its key (the inbox and outbox purged) ---------
+
+ORDERED = "e0e00000-0000-4000-8000-0000000000b1"
+
+
+def key_naming(location: str) -> IdempotencyKey:
+    return IdempotencyKey.objects.create(
+        owner="1",
+        endpoint="POST /api/orders/",
+        key=f"k-{location}",
+        fingerprint="f" * 64,
+        locked_until=timezone.now() + timedelta(minutes=1),
+        state="completed",
+        response_status=202,
+        response_headers={"Location": location},
+    )
+
+
+def test_an_event_known_only_by_its_business_row_is_found_by_a_prefix(root: Client) -> None:
+    OrderFactory(original_event_id=ORDERED)
+    for query in (ORDERED[:30], ORDERED[:9], ORDERED):
+        assert root.get(SEARCH, {"q": query}).url == event_url(ORDERED), query
+
+
+def test_a_prefix_lists_business_rows_next_to_the_inbox(root: Client) -> None:
+    OrderFactory(original_event_id=ORDERED)
+    ProcessedEvent.objects.create(
+        consumer="c", event_id="e0e00000-0000-4000-8000-0000000000b2", fingerprint="a" * 64
+    )
+    html = root.get(SEARCH, {"q": ORDERED[:34]}).content.decode()
+    assert f'href="{event_url(ORDERED)}"' in html
+    assert f'href="{event_url("e0e00000-0000-4000-8000-0000000000b2")}"' in html
+
+
+def test_an_event_known_only_by_its_key_is_found_by_its_whole_id(root: Client) -> None:
+    key_naming("/api/orders/requests/req-7f3a9c01/")
+    response = root.get(SEARCH, {"q": "req-7f3a9c01"})
+    assert response.url == event_url("req-7f3a9c01")
+    assert "k-/api/orders/requests/req-7f3a9c01/" in root.get(response.url).content.decode()
+
+
+def test_an_unknown_id_is_still_not_found(root: Client) -> None:
+    html = root.get(SEARCH, {"q": "e0e00000-0000-4000-8000-0000000000ff"}).content.decode()
+    assert "No event id starts with" in html
