@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from django.db import models
 from django.db.models import Q
@@ -60,24 +61,75 @@ def event_story(event_id: str) -> EventStory:
         outbox=list(OutboxMessage.objects.filter(event_id=event_id).order_by("-pk")[:LIMIT]),
         inbox=list(ProcessedEvent.objects.for_event(event_id).order_by("consumer")[:LIMIT]),
         dead_letters=list(DeadLetter.objects.filter(event_id=event_id).order_by("-pk")[:LIMIT]),
-        keys=list(keys_of_event(IdempotencyKey.objects.all(), event_id)[:LIMIT]),
+        keys=keys_of_event(IdempotencyKey.objects.all(), event_id),
         entities=rows_for_event(event_id),
     )
 
 
-def keys_of_event(keys: models.QuerySet[Any], event_id: str) -> models.QuerySet[Any]:
-    """The ``Idempotency-Key`` records whose stored response names *event_id*.
+#: The shortest id that names an event in a URL: shorter ones are too often a segment of the
+#: path itself (``api``, ``orders``).
+SHORTEST_LINKED_ID = 8
+#: At most this many keys whose response headers hold the id somewhere are read to find those
+#: that name it as a segment of a URL's path.
+KEYS_SCANNED = 20 * LIMIT
+#: Characters a URL never needs to percent-encode (RFC 3986's unreserved).
+_UNRESERVED = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+def keys_of_event(keys: models.QuerySet[Any], event_id: str, *, limit: int = LIMIT) -> list[Any]:
+    """The ``Idempotency-Key`` records whose stored response names *event_id*, newest first.
 
     A keyed request that hands its work to an event answers where to follow it (a 201 or 202
     with a ``Location`` or ``Content-Location`` naming the event): the stored headers are the
-    only link the key keeps. Not indexed: the page of one event reads it, no hot path does.
+    only link the key keeps. The id must be a whole segment of the URL's path, percent-decoded,
+    and compare exactly (case and all, as event ids do). The database narrows the keys to those
+    whose headers hold the id's longest run of characters that a URL leaves as they are, the
+    rest is read here. Not indexed: the page of one event reads it, no hot path does.
     """
-    if len(event_id) < 8:
-        return keys.none()  # too short to name one event in a URL
-    return keys.filter(
-        Q(response_headers__Location__icontains=event_id)
-        | Q(**{"response_headers__Content-Location__icontains": event_id})
-    ).order_by("-pk")
+    from ..http.admin import LINK_HEADERS, linked_segments
+
+    if len(event_id) < SHORTEST_LINKED_ID:
+        return []
+    runs = _UNRESERVED.findall(event_id)
+    hints = [max(runs, key=len)] if runs else [event_id, quote(event_id, safe="")]
+    narrowed = Q()
+    for hint in hints:
+        for header in LINK_HEADERS:
+            narrowed |= Q(**{f"response_headers__{header}__icontains": hint})
+    found = []
+    for key in keys.filter(narrowed).order_by("-pk")[:KEYS_SCANNED]:
+        if event_id in linked_segments(key):
+            found.append(key)
+            if len(found) == limit:
+                break
+    return found
+
+
+def event_of_key(key: Any) -> str:
+    """The event id the key's stored response names, as written, or ``""``.
+
+    The segment of the response's URLs (:func:`~idempotency.http.admin.linked_segments`, the
+    last one first) that a record of an event holds (the inbox, the outbox, the dead letters,
+    the business rows); failing that, one that is a UUID (its records purged since).
+    """
+    from ..http.admin import UUID, linked_segments
+
+    segments = [s for s in linked_segments(key) if len(s) >= SHORTEST_LINKED_ID]
+    for segment in segments:
+        if _recorded(segment):
+            return segment
+    return next((segment for segment in segments if UUID.fullmatch(segment)), "")
+
+
+def _recorded(event_id: str) -> bool:
+    from ..models import DeadLetter, OutboxMessage, ProcessedEvent
+
+    return (
+        ProcessedEvent.objects.for_event(event_id).exists()
+        or OutboxMessage.objects.filter(event_id=event_id).exists()
+        or DeadLetter.objects.filter(event_id=event_id).exists()
+        or bool(rows_for_event(event_id))
+    )
 
 
 def matching_event_ids(prefix: str, *, limit: int = LIMIT) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -36,9 +37,13 @@ class IdempotencyKeyAdmin(PreciseTimesAdmin):
     actions = ["forget"]
     show_full_result_count = False
 
+    #: ``key -> event id or ""``: which event the key's response names; :func:`event_of_key`
+    #: (below) here, the console's once ``idempotency.admin`` has loaded.
+    event_of: Any = staticmethod(lambda key: event_of_key(key))
+
     @admin.display(description=_("event"))
     def event(self, obj: IdempotencyKey) -> str:
-        event_id = event_of_key(obj)
+        event_id = self.event_of(obj)
         return event_link(event_id, event_id) if event_id else "-"
 
     @admin.display(description=_("response body"))
@@ -66,19 +71,38 @@ class IdempotencyKeyAdmin(PreciseTimesAdmin):
         )
 
 
-#: A UUID inside a URL: how a keyed response that hands its work to an event names the event.
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+#: The stored response headers that say where a keyed request's work continues: a request that
+#: hands its work to an event answers with a URL naming the event (a 201 or 202). The key keeps
+#: no other link to the event.
+LINK_HEADERS = ("Location", "Content-Location")
+
+#: A UUID, the ids the example's requests hand their events.
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+
+
+def linked_segments(key: IdempotencyKey) -> list[str]:
+    """The percent-decoded segments of the paths the key's stored ``Location`` and
+    ``Content-Location`` name, in that order, each header's last segment first."""
+    headers = key.response_headers if isinstance(key.response_headers, dict) else {}
+    found: list[str] = []
+    for name in LINK_HEADERS:
+        value = headers.get(name)
+        if not isinstance(value, str):
+            continue
+        try:
+            path = urlsplit(value).path
+        except ValueError:
+            continue  # not a URL
+        found.extend(reversed([unquote(segment) for segment in path.split("/") if segment]))
+    return found
 
 
 def event_of_key(key: IdempotencyKey) -> str:
-    """The event id the key's stored ``Location`` (or ``Content-Location``) names, or ``""``.
+    """The event id the key's stored response names, as written, or ``""``: the first segment
+    of :func:`linked_segments` that is a UUID.
 
-    The key keeps no other link to the event its request produced; the per-event page finds the
-    key the same way, by the id inside that header.
+    The admin's face gives :class:`IdempotencyKeyAdmin` the console's
+    :func:`idempotency.console.story.event_of_key` instead, which also recognises an id of
+    another shape that a record of the event holds.
     """
-    headers = key.response_headers if isinstance(key.response_headers, dict) else {}
-    for name in ("Location", "Content-Location"):
-        found = _UUID.search(str(headers.get(name, "")))
-        if found:
-            return found.group(0).lower()
-    return ""
+    return next((segment for segment in linked_segments(key) if UUID.fullmatch(segment)), "")
