@@ -3,7 +3,8 @@
 - :mod:`.store`: ``record()``, the last resort of a worker that could not process a message
   (never raises; ``None`` means nothing was stored), and the reasons (``FAILED``,
   ``DELIVERY_LIMIT``, ...).
-- :mod:`.redriving`: ``redrive()``, publishing letters again through the outbox.
+- :mod:`.redriving`: ``redrive()``, publishing letters again through the outbox, once each, and
+  what it did (``Redrive``: done, skipped, refused, each ``Refusal`` with its reason).
 - :mod:`.broker`: ``import_broker_queue()``, a RabbitMQ dead-letter queue into rows.
 - :mod:`.models`: ``DeadLetter``, and ``DeliveryAttempt``, the durable delivery counter that
   turns a message redelivered past ``DELIVERY_LIMIT`` into a dead letter.
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
         decode_broker_message,
         import_broker_queue,
     )
-    from .redriving import redrive
+    from .redriving import Redrive, Refusal, redrive
     from .store import (
         BROKER,
         DELIVERY_LIMIT,
@@ -55,6 +56,8 @@ _PUBLIC = {
     "database": ".store",
     "record": ".store",
     "redrive": ".redriving",
+    "Redrive": ".redriving",
+    "Refusal": ".redriving",
     "BrokerImport": ".broker",
     "BrokerMessage": ".broker",
     "dead_letter_queue_names": ".broker",
@@ -72,6 +75,8 @@ __all__ = [
     "UNKNOWN_TASK",
     "BrokerImport",
     "BrokerMessage",
+    "Redrive",
+    "Refusal",
     "database",
     "dead_letter_queue_names",
     "decode_broker_message",

@@ -53,11 +53,16 @@ class DeadLetterAdmin(PreciseTimesAdmin, ReadOnlyAdmin):
         permissions=["change_state"],
     )
     def redrive(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        letters = list(queryset)
-        again = [letter for letter in letters if letter.redriven_at is not None]
-        processed = already_processed([letter for letter in letters if letter not in again])
-        ready = [letter for letter in letters if letter not in again and letter.pk not in processed]
-        done, skipped = redriving.redrive(ready)
+        # redrive() refuses a letter already re-driven (also by a concurrent submission) and
+        # one whose consumer already processed the event; the messages below say which.
+        result = redriving.redrive(list(queryset))
+        done, skipped = result.done, result.skipped
+        again = [r.letter for r in result.refused if r.reason == redriving.ALREADY_REDRIVEN]
+        processed = {
+            r.letter.pk: f"{r.letter.event_id}: {refusal_kind(r)}"
+            for r in result.refused
+            if r.reason != redriving.ALREADY_REDRIVEN
+        }
         for letter in done:
             self.log_change(request, letter, "Re-driven through the outbox.")
         if done:
@@ -125,24 +130,11 @@ class DeadLetterAdmin(PreciseTimesAdmin, ReadOnlyAdmin):
         return self.has_delete_permission(request)
 
 
-def already_processed(letters: list[DeadLetter]) -> dict[int, str]:
-    """The letters whose consumer has an inbox record of their event: ``{pk: description}``."""
-    from ..inbox.models import ProcessedEvent
-
-    if not letters:
-        return {}
-    records = ProcessedEvent.objects.filter(
-        event_id__in={letter.event_id for letter in letters if letter.event_id},
-        consumer__in={letter.task_name for letter in letters if letter.task_name},
-    ).values_list("consumer", "event_id", "mismatch_fingerprint")
-    seen = {(consumer, event_id): bool(mismatch) for consumer, event_id, mismatch in records}
-    found = {}
-    for letter in letters:
-        key = (letter.task_name, letter.event_id)
-        if key in seen:
-            kind = _("payload mismatch") if seen[key] else _("processed")
-            found[letter.pk] = f"{letter.event_id}: {kind}"
-    return found
+def refusal_kind(refusal: redriving.Refusal) -> str:
+    """``payload mismatch``, or the outcome of the inbox record that refused the letter."""
+    if refusal.reason == redriving.MISMATCH:
+        return str(_("payload mismatch"))
+    return str(_("processed")) if refusal.outcome in ("", "processed") else refusal.outcome
 
 
 def _when(letter: DeadLetter) -> str:

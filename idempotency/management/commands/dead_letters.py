@@ -88,13 +88,16 @@ class Command(BaseCommand):
             letters = list(pending.filter(task_name=task) if task else pending)
         else:
             letters = [self._get(pk) for pk in ids]
-        done, skipped = deadletters.redrive(letters)
-        for letter in skipped:
+        result = deadletters.redrive(letters)
+        for letter in result.skipped:
             self.stderr.write(
                 f"dead letter {letter.pk} cannot be re-driven: it names no task or arguments "
                 f"({letter.get_reason_display()})"
             )
-        self.stdout.write(f"re-drove {len(done)} dead letter(s) through the outbox")
+        for refusal in result.refused:
+            self.stderr.write(f"dead letter {refusal.letter.pk} left alone: {_why(refusal)}")
+        left = f", left {len(result.refused)} alone" if result.refused else ""
+        self.stdout.write(f"re-drove {len(result.done)} dead letter(s) through the outbox{left}")
 
     def _import(
         self,
@@ -188,3 +191,26 @@ class Command(BaseCommand):
             return DeadLetter.objects.get(pk=pk)
         except DeadLetter.DoesNotExist:
             raise CommandError(f"there is no dead letter {pk}") from None
+
+
+def _why(refusal: Any) -> str:
+    """Why ``redrive()`` refused a letter, and what to do instead."""
+    from idempotency.deadletters import redriving
+
+    letter = refusal.letter
+    if refusal.reason == redriving.ALREADY_REDRIVEN:
+        when = f"{letter.redriven_at:%Y-%m-%d %H:%M:%S}" if letter.redriven_at else "?"
+        return (
+            f"already re-driven ({letter.redrive_count}x, last {when}); a re-drive that failed "
+            "again is a dead letter of its own"
+        )
+    processed = f"{letter.task_name} already processed {letter.event_id}"
+    if refusal.reason == redriving.MISMATCH:
+        return (
+            f"{processed}, and this letter is its payload mismatch: published again it would "
+            "be dead-lettered again; to apply the new payload, forget the inbox record first"
+        )
+    return (
+        f"{processed} ({refusal.outcome or 'processed'}): published again it would be "
+        "discarded as a duplicate"
+    )
