@@ -13,6 +13,7 @@ from django.db import connections, models, router
 from django.utils.translation import gettext_lazy as _
 
 from .exceptions import TransactionRequired
+from .fields import UUIDPrefix
 
 M = TypeVar("M", bound=models.Model)
 
@@ -35,6 +36,9 @@ class EventIdField(models.UUIDField):
         if kwargs.get("editable") is False:
             del kwargs["editable"]
         return name, path, args, kwargs
+
+
+EventIdField.register_lookup(UUIDPrefix)  # original_event_id__prefix="e0e0"
 
 
 class EventKeyedModel(models.Model):

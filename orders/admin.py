@@ -105,7 +105,7 @@ class OrderAdmin(EventDerivedAdmin):
         "created_at",
     )
     list_filter = ("status", "created_at")
-    search_fields = ("=order_id", "^original_event_id", "requested_customer_id")
+    search_fields = ("=order_id", "original_event_id__prefix", "requested_customer_id")
     date_hierarchy = "created_at"
     readonly_fields = ("original_event_id", "processed_events", "created_at", "shipped_at")
     inlines = [OrderItemInline, PaymentInline]
@@ -124,7 +124,7 @@ class OrderItemAdmin(EventDerivedAdmin):
 @admin.register(Payment)
 class PaymentAdmin(EventDerivedAdmin):
     list_display = ("payment_id", "order", "amount", "currency", "received_at")
-    search_fields = ("=payment_id", "=order__order_id", "^original_event_id")
+    search_fields = ("=payment_id", "=order__order_id", "original_event_id__prefix")
     readonly_fields = ("original_event_id", "processed_events")
     list_select_related = ("order",)
 
@@ -136,7 +136,7 @@ class PaymentAdmin(EventDerivedAdmin):
 @admin.register(LedgerEntry)
 class LedgerEntryAdmin(EventDerivedAdmin):
     list_display = ("customer", "amount", "reason", "balance_after", "created_at")
-    search_fields = ("=customer__customer_id", "^original_event_id")
+    search_fields = ("=customer__customer_id", "original_event_id__prefix")
     readonly_fields = ("original_event_id", "processed_events")
     list_select_related = ("customer",)
 
@@ -151,7 +151,7 @@ class RejectionAdmin(EventDerivedAdmin):
 
     list_display = ("original_event_id", "consumer", "reason", "created_at")
     list_filter = ("consumer", "created_at")
-    search_fields = ("^original_event_id", "reason")
+    search_fields = ("original_event_id__prefix", "reason")
     date_hierarchy = "created_at"
     readonly_fields = (
         "original_event_id",
@@ -172,7 +172,7 @@ class ConfirmationEmailAdmin(EventDerivedAdmin):
     """Order confirmations the SMTP server accepted (a record, never edited)."""
 
     list_display = ("order", "recipient", "message_id", "sent_at")
-    search_fields = ("=order__order_id", "recipient", "=message_id", "^original_event_id")
+    search_fields = ("=order__order_id", "recipient", "=message_id", "original_event_id__prefix")
     date_hierarchy = "sent_at"
     readonly_fields = (
         "original_event_id",

@@ -143,7 +143,7 @@ def matching_event_ids(prefix: str, *, limit: int = LIMIT) -> list[str]:
     found: set[str] = set()
     for model in (ProcessedEvent, OutboxMessage, DeadLetter):
         ids = (
-            model._default_manager.filter(event_id__startswith=prefix)
+            model._default_manager.filter(event_id__prefix=prefix)
             .exclude(event_id="")
             .order_by("event_id")
             .values_list("event_id", flat=True)
@@ -154,20 +154,14 @@ def matching_event_ids(prefix: str, *, limit: int = LIMIT) -> list[str]:
     return sorted(found)[: limit + 1]
 
 
-#: The start of a UUID as an EventIdField's value reads: lower-case hex digits and hyphens.
-_UUID_START = re.compile(r"[0-9a-f]{1,8}(-[0-9a-f]{0,4}){0,3}(-[0-9a-f]{0,12})?")
-
-
 def _entity_event_ids(prefix: str, *, limit: int) -> set[str]:
     """The ids, as text, of the events that created business rows, starting with *prefix*."""
-    if not _UUID_START.fullmatch(prefix):
-        return set()  # no EventIdField's value starts so
     found: set[str] = set()
     for model in event_keyed_models():
         for column in model._meta.get_fields():
             if isinstance(column, EventIdField):
                 ids = (
-                    model._default_manager.filter(**{f"{column.name}__startswith": prefix})
+                    model._default_manager.filter(**{f"{column.name}__prefix": prefix})
                     .order_by(column.name)
                     .values_list(column.name, flat=True)[:limit]
                 )

@@ -27,7 +27,8 @@ class DeadLetterAdmin(PreciseTimesAdmin, ReadOnlyAdmin):
         "event",
     )
     list_filter = ("reason", "task_name", ("redriven_at", admin.EmptyFieldListFilter), "created_at")
-    search_fields = ("^event_id", "=task_id", "task_name")
+    # Ranges of indexes only (the task has its filter): see the inbox's admin.
+    search_fields = ("event_id__prefix", "task_id__exact")
     date_hierarchy = "created_at"
     readonly_fields = [
         *(f.name for f in DeadLetter._meta.fields if f.name != "traceback"),

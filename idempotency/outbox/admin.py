@@ -60,7 +60,8 @@ class OutboxMessageAdmin(PreciseTimesAdmin, ReadOnlyAdmin):
         "event",
     )
     list_filter = (OutboxStatusFilter, "task_name", "failed_at")
-    search_fields = ("^event_id", "=task_id")
+    # Ranges of unique indexes only: see the inbox's admin.
+    search_fields = ("event_id__prefix", "task_id__prefix")
     date_hierarchy = "created_at"
     readonly_fields = [
         *(f.name for f in OutboxMessage._meta.fields if f.name != "last_error"),

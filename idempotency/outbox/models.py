@@ -9,7 +9,7 @@ from django.db import DEFAULT_DB_ALIAS, models, router, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from ..fields import ExactCharField
+from ..fields import ExactCharField, UUIDPrefix
 
 
 class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
@@ -124,3 +124,7 @@ class OutboxMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.event_id or self.task_id}"
+
+
+# task_id__prefix="a1b2": the admin's search, a range of the unique index.
+OutboxMessage._meta.get_field("task_id").register_lookup(UUIDPrefix)
