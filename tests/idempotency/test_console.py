@@ -83,12 +83,31 @@ def test_a_dead_lettered_event_shows_its_letter_with_the_traceback_indented(
     assert "\n  File " in pre.group(1)  # the traceback's own indentation, kept
 
 
+def section(html: str, name: str) -> str:
+    """The page's module ``id=name``, up to the next module."""
+    start = html.index(f'id="{name}"')
+    end = html.find('<div class="module"', start)
+    return html[start : end if end != -1 else len(html)]
+
+
 def test_a_mismatch_shows_on_the_page_with_its_dead_letter(story: Story, root: Client) -> None:
     event_id = story.mismatched["eventId"]
+    record = ProcessedEvent.objects.get(event_id=event_id)
+    assert record.has_mismatch
+    letter = DeadLetter.objects.get(event_id=event_id)
     html = page(root, event_id)
-    assert "payload mismatch" in html.lower() or "PayloadMismatch" in html
-    assert DeadLetter.objects.filter(event_id=event_id).count() == 1
-    assert "PayloadMismatch" in html
+    # The inbox record: marked as a mismatch, when, and a link to the record's diff.
+    change = f"/admin/idempotency/processedevent/{record.pk}/change/"
+    marker = (
+        f'<span class="bad">yes</span>, <span class="when">{precise(record.mismatch_at)}</span>'
+        f' (<a href="{change}">diff</a>)'
+    )
+    assert marker in section(html, "event-inbox")
+    assert "compare the two fingerprints" in root.get(change).content.decode()
+    # The mismatching delivery's dead letter, with the exception that made it.
+    letters = section(html, "event-dead-letters")
+    assert f"/admin/idempotency/deadletter/{letter.pk}/change/" in letters
+    assert "PayloadMismatch" in letters
 
 
 def test_the_key_of_a_keyed_request_is_on_its_events_page_and_links_back(
