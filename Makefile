@@ -56,7 +56,7 @@ nox: $(STAMP)  ## the version matrix (about 5 minutes per database of a session)
 	NOX_POSTGRES_URL=$(NOX_POSTGRES_URL) $(BIN)/nox $(ARGS)
 
 # schemathesis (every check, bounded examples, a fixed seed) against gunicorn on PostgreSQL.
-conformance: $(STAMP)  ## the API against its OpenAPI schema, live (about 20 s); CONFORMANCE_SEED, CONFORMANCE_EXAMPLES
+conformance: $(STAMP)  ## the API against its OpenAPI schema, live (about 30 s); CONFORMANCE_SEED, CONFORMANCE_EXAMPLES
 	REQUIRE_SERVICES=1 $(BIN)/pytest -m conformance -s tests/conformance
 
 clean:

@@ -7,8 +7,8 @@ type and headers, a body that matches the declared schema, an allowed request ac
 forbidden one refused. Zero failures, or this test fails with schemathesis's report.
 
 Bounded: ``CONFORMANCE_EXAMPLES`` examples per operation (15) with a fixed seed
-(``CONFORMANCE_SEED``, 1), so a run is reproducible and short (about 20 s for ``make
-conformance``, schemathesis itself 12-17 s of it, on 2 CPUs); another seed explores other
+(``CONFORMANCE_SEED``, 1), so a run is reproducible and short (18-32 s for ``make
+conformance``, schemathesis itself 12-22 s of it, on 2 CPUs); another seed explores other
 inputs. ``schemathesis.toml`` names the ids the fixture creates where an operation needs one, and
 fails the run on a "missing test data" warning (an operation that only ever answered 404).
 """
