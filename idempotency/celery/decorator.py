@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,12 @@ def _require_usable_transaction(using: str | None) -> None:
             "statement that may fail in transaction.atomic() to catch its error."
         )
 
+
+def _run_signature(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
+    """The signature of every ``@idempotent_task``'s ``run``: an event, then anything."""
+
+
+_RUN_SIGNATURE = inspect.signature(_run_signature)
 
 #: Task options that make at-least-once delivery safe; a decorator argument overrides them.
 SAFE_TASK_OPTIONS: dict[str, Any] = {
@@ -73,7 +80,16 @@ def idempotent_task(
         run_options["result_serializer"] = result_serializer
 
     def decorate(fn: Callable[..., Any]) -> Any:
-        def run(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # A message with no event would raise TypeError before deliver() could decide its
+            # fate, and Celery would reject it without requeue even when its dead letter could
+            # not be stored: it is refused as an invalid event instead (or given back).
+            if args:
+                event, args = args[0], args[1:]
+            elif "event" in kwargs:
+                event = kwargs.pop("event")
+            else:
+                self._refuse_without_event(kwargs)
             call_args = (self, event, *args) if bind else (event, *args)
 
             def handle() -> Any:
@@ -101,6 +117,9 @@ def idempotent_task(
         run.__qualname__ = fn.__qualname__
         run.__module__ = fn.__module__
         run.__doc__ = fn.__doc__
+        # The signature Celery checks a call against when it is sent (Task.typing): the event
+        # is still required of a producer.
+        run.__signature__ = _RUN_SIGNATURE  # type: ignore[attr-defined]
         # The options become attributes of the task's class: a key function stored as it is
         # would be bound as a method and called with the task first, so the reconciler, the
         # delivery limit and the dead letters would never find the key the worker claims.

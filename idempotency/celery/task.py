@@ -240,7 +240,23 @@ class IdempotentTask(DjangoTask):
         records = ProcessedEvent.objects.using(using).for_consumer(self._consumer())
         return records.for_event(event_id).exists()
 
-    def _refuse(self, reason: str, exc: Exception, event: Any, args: Any, kwargs: Any) -> NoReturn:
+    def _refuse_without_event(self, kwargs: dict[str, Any]) -> NoReturn:
+        """A message with no event argument: an invalid event (see :meth:`_refuse`)."""
+        exc = InvalidEvent(
+            f"{self.name} got a message with no event: the event is the task's first argument"
+        )
+        self._refuse(deadletters.INVALID_EVENT, exc, None, (), kwargs, message_args=[])
+
+    def _refuse(
+        self,
+        reason: str,
+        exc: Exception,
+        event: Any,
+        args: Any,
+        kwargs: Any,
+        *,
+        message_args: list[Any] | None = None,
+    ) -> NoReturn:
         """An event that can never be processed: a dead letter, and no requeue once stored."""
         logger.error(
             "%s refused a message: %s",
@@ -248,20 +264,31 @@ class IdempotentTask(DjangoTask):
             exc,
             extra={"consumer": self._consumer()},
         )
-        if self._dead_letter(reason, exc, event, args, kwargs) is None:
+        if self._dead_letter(reason, exc, event, args, kwargs, message_args=message_args) is None:
             self._give_back(exc)
         raise _Decided(exc, requeue=False) from exc
 
     def _dead_letter(
-        self, reason: str, exc: Exception, event: Any, args: Any, kwargs: Any, attempts: int = 1
+        self,
+        reason: str,
+        exc: Exception,
+        event: Any,
+        args: Any,
+        kwargs: Any,
+        attempts: int = 1,
+        *,
+        message_args: list[Any] | None = None,
     ) -> Any:
-        """Store this delivery as a dead letter; None when it could not be stored."""
+        """Store this delivery as a dead letter; None when it could not be stored.
+
+        *message_args* are the message's arguments when they are not *event* and *args*.
+        """
         return deadletters.record(
             reason=reason,
             task_name=self.name,
             task_id=self.request.id or "",
-            event_id=self._event_id([event]),
-            args=[event, *args],
+            event_id=self._event_id([event]) if message_args is None else "",
+            args=[event, *args] if message_args is None else message_args,
             kwargs=kwargs,
             exception=exc,
             traceback=_format(exc),
@@ -312,8 +339,13 @@ class IdempotentTask(DjangoTask):
     ) -> None:
         if getattr(self.request, "idempotency_dead_letter", None) is not None:
             return
-        # A failure that did not go through deliver() (Celery's own, after the task returned).
-        deadletters.record(
+        if isinstance(exc, _CELERY_SIGNALS):
+            # This hook raised it (below): Celery reports it to this hook a second time.
+            return
+        # A failure that did not go through deliver(): Celery's own, before the task ran (a
+        # task_prerun receiver, storing the STARTED state) or after it returned (a result the
+        # backend cannot encode, a callback that cannot be sent).
+        letter = deadletters.record(
             reason=deadletters.FAILED,
             task_name=self.name,
             task_id=task_id,
@@ -324,6 +356,18 @@ class IdempotentTask(DjangoTask):
             traceback=str(einfo) if einfo else "",
             attempts=(self.request.retries or 0) + 1,
         )
+        if letter is None:
+            # Celery would reject the message without requeue (acks_on_failure_or_timeout=False):
+            # with nothing stored, it goes back to the broker instead, as the reject this raises
+            # reaches the worker's request.
+            logger.error(
+                "%s[%s] failed outside its delivery, and its dead letter could not be stored: "
+                "the message goes back to the broker",
+                self.name,
+                task_id,
+                exc_info=exc,
+            )
+            self._give_back(exc)
 
     def _consumer(self) -> str:
         return self.consumer_name or self.name

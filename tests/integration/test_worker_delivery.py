@@ -1,6 +1,7 @@
 """What becomes of a delivery, with a real ``celery worker`` on PostgreSQL and RabbitMQ/Redis:
 a database outage longer than the retry window, a hook raising after the commit, a message
-that outlives its hard time limit on every delivery."""
+that outlives its hard time limit on every delivery, failures outside the delivery (a message
+with no event, a callback that cannot be sent) while no dead letter can be stored."""
 
 from __future__ import annotations
 
@@ -52,6 +53,13 @@ def queue_name(broker_url: str) -> Iterator[str]:
 def publish(broker_url: str, queue: str, task: Any, event: dict[str, Any]) -> str:
     with Connection(broker_url) as conn:
         result = task.apply_async(args=[event], queue=work_queue(queue), connection=conn)
+    return str(result.id)
+
+
+def send_without_event(broker_url: str, queue: str, task: Any) -> str:
+    """A message of *task* with no argument: Celery's own check would refuse to send it."""
+    with Connection(broker_url) as conn:
+        result = task.app.send_task(task.name, args=[], queue=work_queue(queue), connection=conn)
     return str(result.id)
 
 
@@ -187,3 +195,77 @@ def test_an_outage_of_many_windows_does_not_spend_the_delivery_limit(
     assert not DeadLetter.objects.exists()
     assert DeliveryAttempt.objects.get(task_id=task_id).deliveries <= 2
     assert dead_count(broker_url, queue_name) == 0
+
+
+def test_a_message_without_an_event_is_kept_through_a_database_outage(
+    broker_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    # It fails before the wrapper's logic could run: with the database down it is given back,
+    # not rejected with nothing stored; once the database is back it is an invalid event.
+    log = tmp_path / "worker.log"
+    settings = connection.settings_dict
+    with database_proxy(
+        settings.get("HOST") or "127.0.0.1", int(settings.get("PORT") or 5432)
+    ) as db:
+        proxied = database_url().replace(f":{settings.get('PORT') or 5432}/", f":{db.port}/")
+        with celery_worker(
+            broker_url,
+            queues=queue_name,
+            log=log,
+            concurrency=1,
+            include=INCLUDE,
+            extra_env={"DATABASE_URL": proxied},
+        ) as worker:
+            db.cut()
+            task_id = send_without_event(broker_url, queue_name, worker_tasks.apply_event)
+            wait_for(
+                lambda: log.read_text().count(f"{task_id}] reject requeue=True") >= 3,
+                60,
+                "the message to go back to the broker three times",
+            )
+            assert not DeadLetter.objects.exists()
+            db.restore()
+            wait_for(lambda: DeadLetter.objects.exists(), 60, "the dead letter")
+            assert worker.poll() is None, "the worker died"
+    assert "could not store a dead letter" in log.read_text()
+    letter = DeadLetter.objects.get()
+    assert (letter.reason, letter.task_id) == (DeadLetter.Reason.INVALID_EVENT, task_id)
+    assert (letter.task_name, letter.args) == (worker_tasks.apply_event.name, [])
+    if broker_url.startswith("amqp"):
+        assert dead_count(broker_url, queue_name) == 1  # rejected without requeue, once stored
+
+
+def test_a_failure_after_the_task_returned_goes_back_while_no_dead_letter_can_be_stored(
+    broker_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    # The callback is routed to a queue the worker does not know: Celery raises QueueNotFound
+    # after the task returned, outside the delivery, and the failure reaches on_failure.
+    log = tmp_path / "worker.log"
+    unstorable = tmp_path / "dead-letters-unstorable"
+    unstorable.touch()
+    event = {"eventId": f"linked-{uuid.uuid4().hex}"}
+    env = {"TEST_DEAD_LETTERS_UNSTORABLE": str(unstorable)}
+    with celery_worker(
+        broker_url, queues=queue_name, log=log, concurrency=1, include=INCLUDE, extra_env=env
+    ) as worker:
+        callback = worker_tasks.apply_event.signature(queue=f"{queue_name}-missing")
+        with Connection(broker_url) as conn:
+            task_id = worker_tasks.apply_event.apply_async(
+                args=[event], queue=work_queue(queue_name), link=callback, connection=conn
+            ).id
+        # Given back, then redelivered: a duplicate whose callback fails again.
+        wait_for(
+            lambda: log.read_text().count(f"{task_id}] failed outside its delivery") >= 3,
+            60,
+            "the message to go back to the broker three times",
+        )
+        assert log.read_text().count(f"{task_id}] received") >= 3  # redelivered: never dropped
+        assert not DeadLetter.objects.exists()
+        unstorable.unlink()  # the dead letter can be stored again: the message may leave
+        wait_for(lambda: DeadLetter.objects.exists(), 60, "the dead letter")
+        assert worker.poll() is None, "the worker died"
+    assert "QueueNotFound" in log.read_text()
+    assert ProcessedEvent.objects.for_event(event["eventId"]).count() == 1  # applied once
+    letter = DeadLetter.objects.get()
+    assert (letter.task_id, letter.event_id) == (task_id, event["eventId"])
+    assert "QueueNotFound" in letter.exception

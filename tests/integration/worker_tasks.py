@@ -36,6 +36,31 @@ def _overrides() -> None:
 _overrides()
 
 
+def _dead_letters_unstorable() -> None:
+    """``TEST_DEAD_LETTERS_UNSTORABLE=<path>``: while the file exists, every dead letter the
+    worker stores fails, as in an outage that begins after the effect committed."""
+    flag = os.environ.get("TEST_DEAD_LETTERS_UNSTORABLE")
+    if not flag:
+        return
+    from unittest import mock
+
+    from django.db import OperationalError
+
+    from idempotency.deadletters import store
+
+    stored = store._store
+
+    def store_unless_flagged(fields: Any) -> Any:
+        if os.path.exists(flag):
+            raise OperationalError(f"the dead letters cannot be stored ({flag} exists)")
+        return stored(fields)
+
+    mock.patch.object(store, "_store", side_effect=store_unless_flagged).start()
+
+
+_dead_letters_unstorable()
+
+
 @idempotent_task(name="tests.worker.apply_event")
 def apply_event(event: dict[str, Any]) -> str:
     """The effect is the inbox record itself."""
