@@ -3,11 +3,11 @@ door, and a broker that loses a message. Each on RabbitMQ and on Redis (20 on Re
 ending with ``Scenario.verify``.
 
 15 the database unreachable for minutes in a burst; 16a a raising ``duplicate_discarded``
-receiver; 16b REPEATABLE READ workers and one event delivered 30 times at once; 17 poison
-outbox rows under a running relay; 18 64 HTTP clients against the production web server while
-the worker is killed and the database connections cut; 19a a primary/replica router; 19b a
-handler over its hard time limit on every delivery; 19c the broker down at the front door; 20
-a whole worker killed between the Redis transport's pop and its unacked hash.
+receiver; 16b, 16c REPEATABLE READ and SERIALIZABLE workers and one event delivered 30 times at
+once; 17 poison outbox rows under a running relay; 18 64 HTTP clients against the production
+web server while the worker is killed and the database connections cut; 19a a primary/replica
+router; 19b a handler over its hard time limit on every delivery; 19c the broker down at the
+front door; 20 a whole worker killed between the Redis transport's pop and its unacked hash.
 """
 
 from __future__ import annotations
@@ -166,17 +166,28 @@ def test_duplicate_receiver_raises_in_a_burst(scenario: NewScenario) -> None:
         assert "duplicate_discarded receiver failed" in letter.exception, letter.exception
 
 
-def test_repeatable_read_one_event_thirty_times(scenario: NewScenario) -> None:
-    """16b. Workers at REPEATABLE READ (six processes): one event delivered 30 times at once,
-    among 200 fresh events on three customers and three products.
+#: The strict isolation levels a project may set (``OPTIONS["isolation_level"]``): scenario
+#: number and label of each.
+STRICT_ISOLATION = {
+    "repeatable_read": ("16b", "REPEATABLE READ"),
+    "serializable": ("16c", "SERIALIZABLE"),
+}
+
+
+@pytest.mark.parametrize("isolation", list(STRICT_ISOLATION))
+def test_strict_isolation_one_event_thirty_times(scenario: NewScenario, isolation: str) -> None:
+    """16b, 16c. Workers at REPEATABLE READ (16b) or SERIALIZABLE (16c), six processes: one
+    event delivered 30 times at once, among 200 fresh events on three customers and three
+    products.
 
     The first delivery pauses holding its claim while five more wait on it; released, they meet
     a row their snapshot cannot see (a serialization failure), as do concurrent stock and
     balance updates: each is retried, never dead-lettered, and the event applied once.
     """
-    s = scenario("16b", "REPEATABLE READ workers: one event delivered 30 times at once")
+    number, level = STRICT_ISOLATION[isolation]
+    s = scenario(number, f"{level} workers: one event delivered 30 times at once")
     events = Events(seed=162)
-    env = {**FAULTS_SETTINGS, "FAULTS_ISOLATION": "repeatable_read"}
+    env = {**FAULTS_SETTINGS, "FAULTS_ISOLATION": isolation}
     s.worker(concurrency=3, env=env)
     s.worker(concurrency=3, env=env)
     hot = events.place()
@@ -195,7 +206,7 @@ def test_repeatable_read_one_event_thirty_times(scenario: NewScenario) -> None:
     failures = s.logged("could not serialize access")
     s.notes.append(f"{failures} serialization failures, each retried")
     s.verify()
-    assert failures > 0, "no serialization failure: the workers did not run at REPEATABLE READ"
+    assert failures > 0, f"no serialization failure: the workers did not run at {level}"
     assert s.count("received", hot_id) >= 30
     assert s.count("applied", hot_id) == 1
     assert s.count("discarded", hot_id) == 29
