@@ -29,6 +29,7 @@ from tests.celery_app import mocked_celery_app
 from tests.factories import (
     CustomerFactory,
     OrderFactory,
+    ProcessedEventFactory,
     ProductFactory,
     UserFactory,
     debit_account_event,
@@ -77,6 +78,7 @@ def problem(response: Any, status: int) -> dict[str, Any]:
 # --- Who may do what -------------------------------------------------------------------------
 
 REQUEST_ID = "6b114c3b-0e01-4b72-8f20-3c8529c75830"
+#: Every read endpoint, each naming a row the test creates (the_rows_read).
 READS = [
     "/api/events/e-1/",
     "/api/orders/",
@@ -84,6 +86,14 @@ READS = [
     "/api/orders/ORD-1/",
     "/api/products/PROD-A/",
     "/api/customers/CUST-1/",
+]
+#: The same endpoints naming rows that do not exist: the only reads that answer 404.
+MISSING = [
+    "/api/events/e-404/",
+    "/api/orders/requests/0c7e5ee4-4c61-4d6b-9d5a-6c1b1f0a0404/",
+    "/api/orders/ORD-404/",
+    "/api/products/PROD-404/",
+    "/api/customers/CUST-404/",
 ]
 #: The write endpoints and a valid body for each.
 WRITES = {"/api/events/": "event", "/api/orders/": "order"}
@@ -102,18 +112,29 @@ def send(api: APIClient, method: str, url: str) -> Any:
     return getattr(api, method)(url, body, format="json", headers=headers)
 
 
+def the_rows_read() -> None:
+    """The rows READS name: an order (placed by request REQUEST_ID) for CUST-1, a product, and
+    an inbox record of event e-1."""
+    # The order's customer is CUST-1 itself: a factory-made one could be named CUST-1 too,
+    # depending on which tests ran before (the factory's sequence).
+    OrderFactory(
+        order_id="ORD-1",
+        customer=CustomerFactory(customer_id="CUST-1"),
+        original_event_id=uuid.UUID(REQUEST_ID),
+    )
+    ProductFactory(product_id="PROD-A")
+    ProcessedEventFactory(consumer="orders.tasks.place_order", event_id="e-1")
+
+
 @pytest.mark.parametrize(
     ("role", "method", "url"),
     [
-        *itertools.product(ROLES, ["get"], [*READS, *WRITES]),
+        *itertools.product(ROLES, ["get"], [*READS, *WRITES, *MISSING]),
         *itertools.product(ROLES, UNSAFE, [*READS, *WRITES]),
     ],
 )
 def test_the_permission_matrix(published: mock.Mock, role: str, method: str, url: str) -> None:
-    # The order's customer is CUST-1 itself: a factory-made one could be named CUST-1 too,
-    # depending on which tests ran before (the factory's sequence).
-    OrderFactory(order_id="ORD-1", customer=CustomerFactory(customer_id="CUST-1"))
-    ProductFactory(product_id="PROD-A")
+    the_rows_read()
     response = send(client(role), method, url)
     status = response.status_code
     writer = role in ("producer", "admin")
@@ -122,7 +143,8 @@ def test_the_permission_matrix(published: mock.Mock, role: str, method: str, url
     elif method == "get" and url == "/api/events/":
         expected = {405} if writer else {403}  # the events endpoint only takes writes
     elif method == "get":
-        expected = {200, 404}  # reading is open to every signed-in user
+        # Reading is open to every signed-in user: a row that exists is a 200 for each role.
+        expected = {404} if url in MISSING else {200}
     elif not writer:
         expected = {403}  # a read-only user may write nowhere
     elif method == "post" and url in WRITES:
