@@ -11,8 +11,8 @@ outcome is durable: the effect and its inbox record committed, or a dead letter 
 - a final failure (retries exhausted, an error not retried, an event that can never be
   processed, a message with no event at all) stores a dead letter, and the message is rejected
   without requeue only if the dead letter was stored; otherwise it goes back to the broker. So
-  does a failure Celery reports outside the delivery (a ``task_prerun`` receiver raising, a
-  result the backend cannot encode);
+  does a failure Celery reports after the task returned (a result the backend cannot encode, a
+  callback that cannot be sent);
 - a message delivered more than ``DELIVERY_LIMIT`` times (one that kills its worker: a hard time
   limit, an out-of-memory kill) is dead-lettered instead of being run again;
 - a delivery whose claim committed is done, even if an ``on_commit`` callback raised afterwards.

@@ -342,9 +342,8 @@ class IdempotentTask(DjangoTask):
         if isinstance(exc, _CELERY_SIGNALS):
             # This hook raised it (below): Celery reports it to this hook a second time.
             return
-        # A failure that did not go through deliver(): Celery's own, before the task ran (a
-        # task_prerun receiver, storing the STARTED state) or after it returned (a result the
-        # backend cannot encode, a callback that cannot be sent).
+        # A failure that did not go through deliver(): Celery's own, after the task returned (a
+        # result the backend cannot encode, a callback that cannot be sent).
         letter = deadletters.record(
             reason=deadletters.FAILED,
             task_name=self.name,
