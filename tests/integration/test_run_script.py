@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from tests.services import ROOT, database_url, require_postgres, wait_for
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
 WEB_WORKERS, WEB_THREADS = 2, 2
+BIN = Path(sys.executable).parent
 CLIENTS, EVENTS_EACH = 16, 5
 ESTABLISHED = "01"
 
@@ -108,7 +110,9 @@ def run_script(tmp_path: Path) -> Iterator[RunScript]:
         WEB_WORKERS=str(WEB_WORKERS),
         WEB_THREADS=str(WEB_THREADS),
         WORKER_CONCURRENCY="1",
-        PATH=f"{ROOT / '.venv/bin'}:{env.get('PATH', '')}",
+        # The interpreter running the suite, as tests/integration/test_docs_commands.py runs it.
+        BIN=str(BIN),
+        PATH=f"{BIN}:{env.get('PATH', '')}",
     )
     log = tmp_path / "run.log"
     with log.open("wb") as out:
