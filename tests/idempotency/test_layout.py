@@ -1,8 +1,8 @@
 """The app's public import paths and its layout by capability.
 
-Every name the documentation imports must keep importing, wherever the code behind it lives;
-the models of each capability must register as "idempotency" models through
-``idempotency.models``, with the optional extras (Celery, DRF) absent.
+Every name the documentation imports or lists in a table must keep importing, wherever the
+code behind it lives; the models of each capability must register as "idempotency" models
+through ``idempotency.models``, with the optional extras (Celery, DRF) absent.
 """
 
 from __future__ import annotations
@@ -29,10 +29,65 @@ DOTTED = re.compile(r"(?<![\w-])idempotency(?:\.(?![EW][\dx]{3}\b)[A-Za-z_]\w*)+
 COLON_PATH = re.compile(r"(?<![\w-])(idempotency(?:\.\w+)*):(\w+)")
 #: ``outbox.enqueue(...)`` after ``from idempotency import outbox``: the module's names in use.
 MODULE_ATTRIBUTE = r"(?<![\w.]){module}\.([A-Za-z_]\w*)\("
+#: ``## Signals (`idempotency.signals`)``: a heading naming the module its tables list.
+MODULE_HEADING = re.compile(r"^#+ .*\(`(idempotency(?:\.\w+)*)`\)\s*$")
+#: ``| `idempotency/inbox/` |`` or ``| `idempotency/tasks.py` |``: a row of a layout table.
+LAYOUT_PATH = re.compile(r"^`(idempotency(?:/\w+)*(?:/|\.py))`$")
+#: A backticked name in a table: ``extract_key(event, spec)``, ``.purge``; not a setting or SQL
+#: word in capitals (``DELIVERY_LIMIT``, ``NOWAIT``) where the layout mentions one.
+TABLE_NAME = re.compile(r"^(\.?)([A-Za-z_]\w*)(?:\(.*\))?$")
+
+
+def _table_rows(text: str) -> list[tuple[str | None, list[str]]]:
+    """Each table row below its separator, with the module its nearest heading names."""
+    rows: list[tuple[str | None, list[str]]] = []
+    module: str | None = None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            heading = MODULE_HEADING.match(line)
+            module = heading.group(1) if heading else None
+        elif line.startswith("|") and not re.fullmatch(r"[|\s:-]+", line):
+            rows.append((module, [cell.strip() for cell in line.strip().strip("|").split("|")]))
+    return rows
+
+
+def _layout_names(path: str, cells: list[str]) -> set[str]:
+    """The names a layout row places in each file: ```claiming.py`: `idempotent`, ...``."""
+    base = path.removesuffix(".py").removesuffix("/").replace("/", ".")
+    module, last, names = base, "", set()
+    for token in re.findall(r"`([^`]+)`", " ".join(cells)):
+        if re.fullmatch(r"(\w+/)*\w+\.py", token) and path.endswith("/"):
+            module = f"{base}.{token.removesuffix('.py').replace('/', '.')}"
+            last = ""
+        elif (found := TABLE_NAME.match(token)) and not found.group(2).isupper():
+            attribute, name = found.groups()
+            if attribute and last:
+                names.add(f"{module}.{last}.{name}")
+            elif not attribute:
+                names.add(f"{module}.{name}")
+                last = name
+    return names
+
+
+def table_names(text: str) -> set[str]:
+    """The names a document's tables list, dotted: the first column of each table under a
+    heading that names its module, and every name a layout row places in a file."""
+    names: set[str] = set()
+    for module, cells in _table_rows(text):
+        for at, cell in enumerate(cells):
+            if layout := LAYOUT_PATH.match(cell):
+                names |= _layout_names(layout.group(1), cells[at + 1 :])
+                break
+        else:
+            first = re.match(r"`([^`]+)`", cells[0])
+            if module and first and (found := TABLE_NAME.match(first.group(1))):
+                names.add(f"{module}.{found.group(2)}")
+    return names
 
 
 def documented_names() -> set[str]:
-    """Every ``idempotency`` name the README and docs/*.md import or cite, dotted."""
+    """Every ``idempotency`` name the README and docs/*.md import, cite or list in a table,
+    dotted."""
     names: set[str] = set()
     for document in DOCUMENTS:
         text = document.read_text(encoding="utf-8")
@@ -47,6 +102,7 @@ def documented_names() -> set[str]:
                         names.add(f"{module}.{name}.{attribute}")
         names.update(match.rstrip(".") for match in DOTTED.findall(text))
         names.update(f"{module}.{name}" for module, name in COLON_PATH.findall(text))
+        names |= table_names(text)
     return names
 
 
@@ -79,6 +135,26 @@ def test_the_documentation_is_parsed_for_the_names_it_imports() -> None:
         "idempotency.celery.DeadLetterConsumer",
     } <= names
     assert not any(re.search(r"\.[EW][\dx]{3}$|#", name) for name in names)
+
+
+def test_the_reference_tables_are_parsed_for_the_names_they_list() -> None:
+    names = table_names((ROOT / "docs" / "reference.md").read_text(encoding="utf-8"))
+    assert {
+        # The first column of a table under its module's heading.
+        "idempotency.exceptions.IdempotencyKeyReused",
+        "idempotency.signals.outbox_unresolved",
+        "idempotency.fingerprint.digest_hex",
+        "idempotency.transient.TRANSIENT_ERRORS",
+        # A layout row, file by file; a method after the class it belongs to.
+        "idempotency.inbox.retention.retention_cutoffs",
+        "idempotency.inbox.models.ProcessedEventQuerySet.purge",
+        "idempotency.outbox.publish.publisher",
+        "idempotency.clock.database_now",
+        "idempotency.celery.consumer.DeadLetterConsumer",
+    } <= names
+    assert len(names) >= 80
+    # Settings and SQL words in capitals are not names; the check ids sit under no module.
+    assert not any(re.search(r"\.(DELIVERY_LIMIT|NOWAIT)$|\.[EW]\d{3}$", n) for n in names)
 
 
 @pytest.mark.parametrize("dotted", sorted(documented_names()))
