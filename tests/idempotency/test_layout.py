@@ -57,7 +57,8 @@ def _layout_names(path: str, cells: list[str]) -> set[str]:
     module, last, names = base, "", set()
     for token in re.findall(r"`([^`]+)`", " ".join(cells)):
         if re.fullmatch(r"(\w+/)*\w+\.py", token) and path.endswith("/"):
-            module = f"{base}.{token.removesuffix('.py').replace('/', '.')}"
+            inside = token.removesuffix(".py").removesuffix("__init__").strip("/")
+            module = ".".join([base, *([inside.replace("/", ".")] if inside else [])])
             last = ""
         elif (found := TABLE_NAME.match(token)) and not found.group(2).isupper():
             attribute, name = found.groups()
