@@ -72,7 +72,8 @@ def test_retries_run_out_then_dead_letter() -> None:
 def test_transient_database_errors_do_not_spend_retries() -> None:
     from django.db import OperationalError
 
-    # Waited out in-process (tests/idempotency/test_celery.py), never retried with a countdown.
+    # Waited out in-process (tests/idempotency/celery/test_celery.py), never retried with a
+    # countdown.
     assert flaky.retry_for == (LookupError,)
     assert not issubclass(OperationalError, flaky.retry_for)
     assert flaky.acks_on_failure_or_timeout is False

@@ -166,45 +166,6 @@ def test_the_page_shows_only_what_the_user_may_view(story: Story) -> None:
     assert anonymous.status_code == 302  # to the login page
 
 
-def redrive(client: Client, letters: list[DeadLetter]) -> str:
-    response = client.post(
-        "/admin/idempotency/deadletter/",
-        {"action": "redrive", "_selected_action": [letter.pk for letter in letters]},
-        follow=True,
-    )
-    assert response.status_code == 200
-    return response.content.decode()
-
-
-def test_a_dead_letter_is_redriven_once_then_left_alone(story: Story, root: Client) -> None:
-    letter = DeadLetter.objects.get(event_id=story.ghost_payment["eventId"])
-    before = OutboxMessage.objects.count()
-    html = redrive(root, [letter])
-    assert "Re-drove 1 dead letter" in html
-    assert event_url(letter.event_id) in html
-    assert OutboxMessage.objects.count() == before + 1
-    html = redrive(root, [letter])
-    assert "already re-driven" in html
-    assert OutboxMessage.objects.count() == before + 1
-    letter.refresh_from_db()
-    assert letter.redrive_count == 1
-
-
-def test_a_mismatch_dead_letter_is_not_redriven_and_the_admin_says_why(
-    story: Story, root: Client
-) -> None:
-    letter = DeadLetter.objects.get(event_id=story.mismatched["eventId"])
-    before = OutboxMessage.objects.count()
-    html = redrive(root, [letter])
-    assert "already processed" in html
-    assert "payload mismatch" in html
-    assert "forget the inbox record first" in html
-    assert "Re-drove" not in html
-    assert OutboxMessage.objects.count() == before
-    letter.refresh_from_db()
-    assert letter.redriven_at is None
-
-
 def test_the_event_page_handles_hostile_ids(root: Client) -> None:
     for hostile in ["a/b/../c", "<script>x</script>", "x" * 300, "%00", "ü|ç"]:
         response = root.get(event_url(hostile))
