@@ -1,19 +1,68 @@
 """System checks, namespaced ``idempotency.E00x`` / ``idempotency.W00x``. Ids are never reused.
 
-In use: E001-E011, W001-W007.
+In use: E001-E011, W001-W007. Each check lives with what it checks; this module registers them
+all (``IdempotencyConfig.ready()`` imports it) and holds what they share:
+
+- here: the ``IDEMPOTENCY`` dict (E001), the guard tables on one database (E009, W005), the
+  metrics (W004), the columns of an ``ExactCharField`` (E011), and the project's Celery app,
+  whose task modules the checks import first;
+- :mod:`idempotency.inbox.checks`: the retentions and the mismatch policy (E002, E003, E004,
+  W002), the inbox's database (E005) and unique constraint (E006), the purge's settings (E007,
+  E008), the retention against the redelivery horizon (W001);
+- :mod:`idempotency.outbox.checks`: the reconciler (E010, W006, W007);
+- :mod:`idempotency.celery.checks`: tasks that ack early (W003), and the horizons that a
+  broker's visibility timeout and a task's retries set (imported only when Celery is).
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
-from .conf import DEFAULTS, MISMATCH_POLICIES, app_settings
+from .conf import DEFAULTS, app_settings
 from .exceptions import IdempotencyConfigurationError
+from .faces import lazy_names
+from .inbox import checks as inbox_checks
+from .inbox.checks import Horizon, check_inbox_routing, check_unique_constraint
+from .inbox.checks import human_duration as _human
+from .outbox import checks as outbox_checks
+
+if TYPE_CHECKING:
+    from .celery.checks import (
+        DEFAULT_VISIBILITY_TIMEOUTS,
+        UNBOUNDED,
+        broker_horizon,
+        retry_horizon,
+    )
+
+__all__ = [
+    "DEFAULT_VISIBILITY_TIMEOUTS",
+    "UNBOUNDED",
+    "Horizon",
+    "broker_horizon",
+    "check_celery_tasks",
+    "check_exact_columns",
+    "check_guard_tables_together",
+    "check_inbox_routing",
+    "check_lifecycle_settings",
+    "check_reconciler",
+    "check_retention_outlasts_redelivery",
+    "check_settings",
+    "check_unique_constraint",
+    "redelivery_horizons",
+    "retry_horizon",
+]
+
+#: Celery's part, imported on first use: without Celery installed ``idempotency.celery`` does
+#: not import, and the other checks must still load.
+_CELERY = {
+    name: "idempotency.celery.checks"
+    for name in ("DEFAULT_VISIBILITY_TIMEOUTS", "UNBOUNDED", "broker_horizon", "retry_horizon")
+}
+__getattr__, __dir__ = lazy_names(__name__, _CELERY)
 
 
 @register("idempotency")
@@ -29,70 +78,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="idempotency.E001",
             )
         ]
-    messages: list[CheckMessage] = []
-    retentions = {"RETENTION": app_settings.RETENTION}
-    overrides = app_settings.CONSUMER_RETENTION
-    if not isinstance(overrides, dict):
-        messages.append(
-            Error("IDEMPOTENCY['CONSUMER_RETENTION'] must be a dict", id="idempotency.E002")
-        )
-    else:
-        retentions.update(
-            {f"CONSUMER_RETENTION[{name!r}]": value for name, value in overrides.items()}
-        )
-    for label, value in retentions.items():
-        if value is None:
-            messages.append(
-                Warning(
-                    f"IDEMPOTENCY[{label}] is None: processed events are kept forever and the "
-                    "table grows without bound.",
-                    hint="Set a timedelta longer than the longest redelivery window.",
-                    id="idempotency.W002",
-                )
-            )
-        elif not isinstance(value, timedelta) or value <= timedelta(0):
-            messages.append(
-                Error(
-                    f"IDEMPOTENCY[{label}] must be a positive timedelta, not {value!r}",
-                    id="idempotency.E003",
-                )
-            )
-    if app_settings.ON_MISMATCH not in MISMATCH_POLICIES:
-        messages.append(
-            Error(
-                f"IDEMPOTENCY['ON_MISMATCH'] must be one of {', '.join(MISMATCH_POLICIES)}, "
-                f"not {app_settings.ON_MISMATCH!r}",
-                id="idempotency.E004",
-            )
-        )
-    return messages
+    return inbox_checks.retention_settings()
 
 
-@register("idempotency", "database")
-def check_inbox_routing(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """The inbox must live in the database the handlers write to, or nothing is atomic."""
-    from django.db import router
-
-    from .entities import event_keyed_models
-    from .models import ProcessedEvent
-
-    inbox_db = router.db_for_write(ProcessedEvent)
-    messages: list[CheckMessage] = []
-    for model in event_keyed_models():
-        model_db = router.db_for_write(model)
-        if model_db != inbox_db:
-            messages.append(
-                Error(
-                    f"{model._meta.label} is written to database {model_db!r} but the "
-                    f"ProcessedEvent inbox to {inbox_db!r}: the claim and the business change "
-                    "cannot commit in one transaction.",
-                    hint="Route idempotency.ProcessedEvent to the same database as the models "
-                    "its handlers write.",
-                    obj=model,
-                    id="idempotency.E005",
-                )
-            )
-    return messages
+register("idempotency", Tags.database)(check_inbox_routing)
 
 
 #: The app's tables that hold records guarding other writes, each with what it guards.
@@ -175,51 +164,23 @@ def _apps_apart_from(inbox_db: str | None) -> list[CheckMessage]:
 
 @register("idempotency")
 def check_celery_tasks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """An idempotent task that acks early loses the event if its worker dies mid-task."""
+    """W003: an idempotent task that acks early loses the event if its worker dies mid-task."""
     app = _celery_app()
     if app is None:  # Celery is optional
         return []
-    messages: list[CheckMessage] = []
-    for name, task in sorted(app.tasks.items()):
-        if getattr(task, "idempotent", False) is True and not task.acks_late:
-            messages.append(
-                Warning(
-                    f"the idempotent task {name!r} is not acks_late: a worker killed mid-task "
-                    "acknowledges the message and the event is lost.",
-                    hint="Keep the acks_late=True default of @idempotent_task.",
-                    obj=name,
-                    id="idempotency.W003",
-                )
-            )
-    return messages
+    from .celery.checks import tasks_acking_late
 
-
-# --- Lifecycle: purge settings, redelivery horizon, the table's unique constraint -------------
+    return tasks_acking_late(app)
 
 
 @register("idempotency")
 def check_lifecycle_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The purge's settings (E007, E008), then the metrics (W004)."""
+    messages = inbox_checks.purge_settings()
     try:
-        batch_size = app_settings.PURGE_BATCH_SIZE
-        horizon = app_settings.REDELIVERY_HORIZON
         prometheus = app_settings.PROMETHEUS_METRICS
     except IdempotencyConfigurationError:
-        return []  # reported as E001
-    messages: list[CheckMessage] = []
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        messages.append(
-            Error(
-                f"IDEMPOTENCY['PURGE_BATCH_SIZE'] must be a positive integer, not {batch_size!r}",
-                id="idempotency.E007",
-            )
-        )
-    if horizon is not None and (not isinstance(horizon, timedelta) or horizon < timedelta(0)):
-        messages.append(
-            Error(
-                f"IDEMPOTENCY['REDELIVERY_HORIZON'] must be a timedelta or None, not {horizon!r}",
-                id="idempotency.E008",
-            )
-        )
+        return messages  # reported as E001
     if prometheus:
         from .metrics import prometheus_available
 
@@ -233,23 +194,6 @@ def check_lifecycle_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
                 )
             )
     return messages
-
-
-@dataclass(frozen=True)
-class Horizon:
-    """How long after its first delivery an event may come back, and why."""
-
-    delay: timedelta
-    source: str
-    #: The consumer (task name) it applies to; None: every consumer.
-    consumer: str | None = None
-
-
-#: Kombu's visibility timeouts when the broker options set none (seconds).
-DEFAULT_VISIBILITY_TIMEOUTS = {"redis": 3600, "rediss": 3600, "sentinel": 3600, "sqs": 1800}
-
-#: Stands for "retries without a limit": longer than any retention.
-UNBOUNDED = timedelta.max
 
 
 def _celery_app() -> Any:
@@ -280,288 +224,41 @@ def _celery_app() -> Any:
 _discovered: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def broker_horizon(app: Any) -> Horizon | None:
-    """Redis and SQS hand an unacknowledged message out again after the visibility timeout."""
-    options = app.conf.broker_transport_options or {}
-    if "visibility_timeout" in options:
-        seconds = options["visibility_timeout"]
-        where = "broker_transport_options['visibility_timeout']"
-    else:
-        scheme = str(app.conf.broker_url or "").partition("://")[0].partition("+")[0]
-        if scheme not in DEFAULT_VISIBILITY_TIMEOUTS:
-            return None  # RabbitMQ redelivers at once, when the consumer's channel closes
-        seconds = DEFAULT_VISIBILITY_TIMEOUTS[scheme]
-        where = f"the {scheme} transport's default visibility_timeout"
-    return Horizon(timedelta(seconds=float(seconds)), f"{where} ({_human(seconds)})")
+def _celery_horizons(app: Any) -> list[Horizon]:
+    if app is None:
+        return []
+    from .celery.checks import celery_horizons
 
-
-def retry_horizon(app: Any, task: Any) -> Horizon:
-    """The longest a task's retries may be spread over: a retried copy of an event comes back
-    after another copy was processed.
-
-    It reads the task's attributes and Celery's ``task_annotations`` for it: ``max_retries``
-    (``retry_kwargs['max_retries']``), ``default_retry_delay`` (``retry_kwargs['countdown']``)
-    for retries the task asks for itself, and for ``autoretry_for`` retries with
-    ``retry_backoff``, the sum of the exponential delays capped at ``retry_backoff_max``.
-    """
-    from celery.app.annotations import resolve_all
-
-    names = (
-        "max_retries",
-        "default_retry_delay",
-        "retry_kwargs",
-        "retry_backoff",
-        "retry_backoff_max",
-        "autoretry_for",
-    )
-    attrs = {name: getattr(task, name, None) for name in names}
-    annotations: Any = resolve_all(app.annotations, task)
-    for annotation in annotations:
-        attrs.update({k: v for k, v in annotation.items() if k in names})
-    retry_kwargs = attrs["retry_kwargs"] or {}
-    max_retries = retry_kwargs.get("max_retries", attrs["max_retries"])
-    if max_retries is None:
-        return Horizon(UNBOUNDED, f"task {task.name!r} retries without limit", task.name)
-    delay = float(retry_kwargs.get("countdown", attrs["default_retry_delay"]) or 0)
-    total = max_retries * delay
-    source = f"max_retries={max_retries} x default_retry_delay={_human(delay)}"
-    # @idempotent_task keeps its autoretry_for as retry_for (it retries them itself).
-    if (attrs["autoretry_for"] or getattr(task, "retry_for", None)) and attrs["retry_backoff"]:
-        factor = int(max(1.0, float(attrs["retry_backoff"])))
-        cap = attrs["retry_backoff_max"] if attrs["retry_backoff_max"] is not None else 600
-        backoff = 0
-        for n in range(max_retries):
-            if factor * 2**n >= cap:  # every later retry waits the cap
-                backoff += cap * (max_retries - n)
-                break
-            backoff += factor * 2**n
-        if backoff > total:
-            total = backoff
-            source = f"{max_retries} retries backing off up to retry_backoff_max={_human(cap)}"
-    try:
-        spread = timedelta(seconds=total)
-    except OverflowError:
-        spread = UNBOUNDED
-    return Horizon(spread, f"task {task.name!r}: {source}", task.name)
+    return celery_horizons(app)
 
 
 def redelivery_horizons(app: Any) -> list[Horizon]:
+    """Every horizon W001 weighs: the declared ``REDELIVERY_HORIZON``, then Celery's."""
     horizons: list[Horizon] = []
     configured = app_settings.REDELIVERY_HORIZON
     if isinstance(configured, timedelta):
         horizons.append(
             Horizon(configured, f"IDEMPOTENCY['REDELIVERY_HORIZON'] ({_human(configured)})")
         )
-    if app is None:
-        return horizons
-    broker = broker_horizon(app)
-    if broker is not None:
-        horizons.append(broker)
-    for _name, task in sorted(app.tasks.items()):
-        if getattr(task, "idempotent", False) is True:
-            horizons.append(retry_horizon(app, task))
-    return horizons
+    return [*horizons, *_celery_horizons(app)]
 
 
 @register("idempotency")
 def check_retention_outlasts_redelivery(
     app_configs: Any = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    """A record purged before its event's last redelivery lets that delivery through."""
-    try:
-        retention = app_settings.RETENTION
-        overrides = app_settings.CONSUMER_RETENTION
-        app_settings.REDELIVERY_HORIZON  # noqa: B018 (validated by E008)
-    except IdempotencyConfigurationError:
-        return []  # reported as E001
-    overrides = overrides if isinstance(overrides, dict) else {}
-    horizons = redelivery_horizons(_celery_app())
-    entries: list[tuple[str, Any, list[Horizon]]] = [
-        (
-            "RETENTION",
-            retention,
-            [h for h in horizons if h.consumer is None or h.consumer not in overrides],
-        )
-    ]
-    for name, value in overrides.items():
-        relevant = [h for h in horizons if h.consumer in (None, name)]
-        entries.append((f"CONSUMER_RETENTION[{name!r}]", value, relevant))
-    messages: list[CheckMessage] = []
-    for label, value, relevant in entries:
-        if not isinstance(value, timedelta) or value <= timedelta(0) or not relevant:
-            continue  # None keeps records forever; a bad value is E003
-        longest = max(relevant, key=lambda h: h.delay)
-        if value < longest.delay:
-            messages.append(
-                Warning(
-                    f"IDEMPOTENCY[{label}] ({_human(value)}) is shorter than the redelivery "
-                    f"horizon: {longest.source}. A record purged before its event's last "
-                    "redelivery lets that delivery be processed again.",
-                    hint="Keep records longer than every redelivery: raise the retention, or "
-                    "shorten the broker's visibility timeout or the task's retries.",
-                    id="idempotency.W001",
-                )
-            )
-    return messages
+    """W001: a record purged before its event's last redelivery lets that delivery through."""
+    return inbox_checks.retention_outlasts_redelivery(lambda: redelivery_horizons(_celery_app()))
 
 
-def _human(duration: timedelta | float) -> str:
-    """A duration as people write it: "30 days", "1 hour 30 minutes", "0.5 seconds" (a
-    timedelta's own str gives "30 days, 0:00:00")."""
-    if not isinstance(duration, timedelta):
-        duration = timedelta(seconds=float(duration))
-    if duration < timedelta(0):
-        return f"-{_human(-duration)}"
-    hours, rest = divmod(duration.seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    parts = [
-        f"{count} {unit}{'' if count == 1 else 's'}"
-        for count, unit in ((duration.days, "day"), (hours, "hour"), (minutes, "minute"))
-        if count
-    ]
-    fraction = seconds + duration.microseconds / 1_000_000
-    if fraction or not parts:
-        parts.append(f"{fraction:g} second{'' if fraction == 1 else 's'}")
-    return " ".join(parts)
-
-
-@register("idempotency", Tags.database)
-def check_unique_constraint(
-    app_configs: Any = None, databases: Any = None, **kwargs: Any
-) -> list[CheckMessage]:
-    """Without the unique constraint, two concurrent claims of an event both succeed."""
-    if not databases:
-        return []  # a database check: run by migrate and by check --database
-    from django.db import connections, router
-
-    from .models import ProcessedEvent
-
-    table = ProcessedEvent._meta.db_table
-    wanted = {
-        field.column
-        for field in ProcessedEvent._meta.concrete_fields
-        if field.name in ("event_id", "consumer")
-    }
-    messages: list[CheckMessage] = []
-    for alias in databases:
-        if not router.allow_migrate_model(alias, ProcessedEvent):
-            continue
-        connection = connections[alias]
-        with connection.cursor() as cursor:
-            if table not in connection.introspection.table_names(cursor):
-                continue  # not migrated yet: the migration creates the constraint with it
-            constraints = connection.introspection.get_constraints(cursor, table)
-        if not any(c["unique"] and set(c["columns"]) == wanted for c in constraints.values()):
-            messages.append(
-                Error(
-                    f"the table {table} in database {alias!r} has no unique constraint on "
-                    "(event_id, consumer): concurrent deliveries of an event can both be "
-                    "processed, and the claim's ON CONFLICT clause fails.",
-                    hint="Restore idempotency_unique_consumer_event (see migration "
-                    "idempotency 0001), after removing any duplicate rows.",
-                    obj=ProcessedEvent,
-                    id="idempotency.E006",
-                )
-            )
-    return messages
-
-
-# --- The outbox reconciler: E010, W006, W007 ----------------------------------------------------
+register("idempotency", Tags.database)(check_unique_constraint)
 
 
 @register("idempotency")
 def check_reconciler(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """The reconciler's horizon against what may legitimately delay an outcome, and its whole
-    window against how far back it may look (the retention) and the declared horizon."""
-    from .outbox.reconciling import span
-
-    try:
-        after = app_settings.RECONCILE_AFTER
-        republishes = app_settings.RECONCILE_REPUBLISHES
-        retention = app_settings.RETENTION
-        overrides = app_settings.CONSUMER_RETENTION
-        declared = app_settings.REDELIVERY_HORIZON
-    except IdempotencyConfigurationError:
-        return []  # reported as E001
-    messages: list[CheckMessage] = []
-    if after is not None and (not isinstance(after, timedelta) or after <= timedelta(0)):
-        messages.append(
-            Error(
-                f"IDEMPOTENCY['RECONCILE_AFTER'] must be a positive timedelta or None, "
-                f"not {after!r}",
-                id="idempotency.E010",
-            )
-        )
-    if isinstance(republishes, bool) or not isinstance(republishes, int) or republishes < 0:
-        messages.append(
-            Error(
-                f"IDEMPOTENCY['RECONCILE_REPUBLISHES'] must be an integer of 0 or more, "
-                f"not {republishes!r}",
-                id="idempotency.E010",
-            )
-        )
-    if messages or after is None:
-        return messages
-    app = _celery_app()
-    waits: list[Horizon] = []
-    if app is not None:
-        broker = broker_horizon(app)
-        if broker is not None:
-            waits.append(broker)
-        waits.extend(
-            retry_horizon(app, task)
-            for _name, task in sorted(app.tasks.items())
-            if getattr(task, "idempotent", False) is True
-        )
-    if waits:
-        longest = max(waits, key=lambda h: h.delay)
-        if after < longest.delay:
-            messages.append(
-                Warning(
-                    f"IDEMPOTENCY['RECONCILE_AFTER'] ({_human(after)}) is shorter than "
-                    f"{longest.source}: the outbox reconciler republishes messages that the "
-                    "broker still holds or whose task is still retrying. Each is a duplicate "
-                    "the inbox discards, but a retrying event then runs its retries twice, and "
-                    "one still retrying after every republish is marked failed.",
-                    hint="Raise RECONCILE_AFTER above the broker's visibility timeout and the "
-                    "tasks' retry spans.",
-                    id="idempotency.W006",
-                )
-            )
-    window = span(after, republishes)
-    limits = [("RETENTION", retention)]
-    if isinstance(overrides, dict):
-        limits += [(f"CONSUMER_RETENTION[{name!r}]", value) for name, value in overrides.items()]
-    for label, value in limits:
-        if isinstance(value, timedelta) and value > timedelta(0) and window + after > value:
-            messages.append(
-                Warning(
-                    f"the outbox reconciler's last check comes {_human(window)} after a message's "
-                    f"publish (RECONCILE_AFTER {_human(after)}, RECONCILE_REPUBLISHES "
-                    f"{republishes}), past what IDEMPOTENCY[{label}] ({_human(value)}) lets it "
-                    "look back: it never "
-                    "looks at a message older than the retention less RECONCILE_AFTER (its "
-                    "inbox record may be purged), so one that never gets an outcome is closed "
-                    "unchecked instead of marked failed.",
-                    hint="Shorten RECONCILE_AFTER or RECONCILE_REPUBLISHES, or keep records "
-                    "longer.",
-                    id="idempotency.W007",
-                )
-            )
-    last_republish = span(after, republishes - 1) if republishes else None
-    if isinstance(declared, timedelta) and last_republish and last_republish > declared:
-        messages.append(
-            Warning(
-                f"the outbox reconciler republishes a message up to {_human(last_republish)} after "
-                f"its first publish, later than IDEMPOTENCY['REDELIVERY_HORIZON'] "
-                f"({_human(declared)}) "
-                "says any producer publishes an event again.",
-                hint="Raise REDELIVERY_HORIZON to cover it (and keep the retention above it), "
-                "or shorten RECONCILE_AFTER or RECONCILE_REPUBLISHES.",
-                id="idempotency.W007",
-            )
-        )
-    return messages
+    """E010, W006, W007: the outbox reconciler's settings against the broker's and the tasks'
+    waits, the retention and the declared horizon."""
+    return outbox_checks.reconciler_settings(lambda: _celery_horizons(_celery_app()))
 
 
 # --- Columns that hold ids: E011 ------------------------------------------------------------

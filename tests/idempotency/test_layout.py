@@ -237,11 +237,14 @@ import idempotency.admin
 import idempotency.outbox
 print(sorted(m.__name__ for m in apps.get_app_config("idempotency").get_models()))
 print(sorted(m.__name__ for m in admin.site._registry if m._meta.app_label == "idempotency"))
+from django.core.checks import run_checks
+print(sorted(str(m.id) for m in run_checks() if str(m.id).startswith("idempotency")))
 """
 
 
 def test_the_models_and_admin_load_without_celery_or_drf() -> None:
-    """Celery and DRF are optional extras: an inbox-only project must still start."""
+    """Celery and DRF are optional extras: an inbox-only project must still start and pass its
+    system checks."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DJANGO_SETTINGS_MODULE", None)
     done = subprocess.run(
@@ -253,7 +256,7 @@ def test_the_models_and_admin_load_without_celery_or_drf() -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    models, admins = (ast.literal_eval(line) for line in done.stdout.splitlines())
+    models, admins, checks = (ast.literal_eval(line) for line in done.stdout.splitlines())
     assert models == [
         "DeadLetter",
         "DeliveryAttempt",
@@ -263,6 +266,7 @@ def test_the_models_and_admin_load_without_celery_or_drf() -> None:
         "ProcessedEvent",
     ]
     assert admins == ["DeadLetter", "Event", "IdempotencyKey", "OutboxMessage", "ProcessedEvent"]
+    assert checks == []  # every system check runs, Celery's part left out
 
 
 # --- Layering: shared pieces below the capabilities, the integrations and faces above -------
