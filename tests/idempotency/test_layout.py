@@ -296,22 +296,47 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, *, top_level_only: bool) -> set[str]:
-    """The idempotency modules *path* imports (a name imported from a package counts as
-    the submodule when there is one)."""
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _import_nodes(tree: ast.Module, when: str) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements of a module that run *when*: ``"load"`` (when it is imported:
+    top-level ones, also inside a top-level ``try`` or ``if``), ``"typing"`` (under ``if
+    TYPE_CHECKING``), ``"called"`` (inside a function) or ``"any"``."""
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(node: ast.AST, context: str) -> None:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            if when in (context, "any"):
+                found.append(node)
+            return
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            context = "called"
+        if _is_type_checking(node) and context == "load":
+            assert isinstance(node, ast.If)
+            for child in node.body:
+                visit(child, "typing")
+            for child in node.orelse:
+                visit(child, context)
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child, context)
+
+    visit(tree, "load")
+    return found
+
+
+def _imports(path: Path, *, when: str = "any") -> set[str]:
+    """The idempotency modules *path* imports *when* (see :func:`_import_nodes`); a name
+    imported from a package counts as the submodule when there is one."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path.parent)
-    nodes: list[ast.AST]
-    if top_level_only:
-        # What runs when the module is imported: not function bodies, not TYPE_CHECKING.
-        nodes = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-    else:
-        nodes = list(ast.walk(tree))
     found: set[str] = set()
-    for node in nodes:
+    for node in _import_nodes(tree, when):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("idempotency"))
-        elif isinstance(node, ast.ImportFrom):
+        else:
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join([*base, *([node.module] if node.module else [])])
@@ -352,7 +377,7 @@ def test_no_import_runs_back_up() -> None:
     wrong = []
     for module, path in _app_modules().items():
         group = _group(module)
-        for target in _imports(path, top_level_only=False):
+        for target in _imports(path):
             into = _group(target)
             if into == group:
                 continue
@@ -363,9 +388,63 @@ def test_no_import_runs_back_up() -> None:
     assert not wrong, wrong
 
 
+#: When an import between capabilities runs, as the table of docs/reference.md says it.
+WHEN = {"at load": "load", "when called": "called", "for typing": "typing"}
+
+
+def _capability_module(path: str) -> str:
+    """``inbox/models.py`` -> ``idempotency.inbox.models``; ``outbox`` -> ``idempotency.outbox``."""
+    return ".".join(["idempotency", *path.removesuffix(".py").split("/")])
+
+
+def documented_capability_imports() -> set[tuple[str, str, str]]:
+    """(importer, imported, when) for each row of the reference's table of imports between
+    capabilities: ``| `inbox/models.py` | `outbox/reconciling.py` | when called | ... |``."""
+    text = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    found: set[tuple[str, str, str]] = set()
+    for _module, cells in _table_rows(text):
+        if len(cells) < 3 or cells[2] not in WHEN:
+            continue
+        for source in re.findall(r"`([\w/.]+)`", cells[0]):
+            for target in re.findall(r"`([\w/.]+)`", cells[1]):
+                found.add((_capability_module(source), _capability_module(target), WHEN[cells[2]]))
+    return found
+
+
+def capability_imports() -> set[tuple[str, str, str]]:
+    """(importer, imported, when) for each import from one capability into another."""
+    found: set[tuple[str, str, str]] = set()
+    for module, path in _app_modules().items():
+        if _group(module) not in CAPABILITIES:
+            continue
+        for when in WHEN.values():
+            for target in _imports(path, when=when):
+                if _group(target) in CAPABILITIES and _group(target) != _group(module):
+                    found.add((module, target, when))
+    return found
+
+
+def test_the_capabilities_import_each_other_only_as_the_reference_says() -> None:
+    """docs/reference.md lists every import between capabilities and when it runs: a new one
+    (or one moved to load time) fails here until the table says why."""
+    documented, actual = documented_capability_imports(), capability_imports()
+    assert len(documented) >= 7, "the table was not found"
+    assert actual == documented, {
+        "not in docs/reference.md": sorted(actual - documented),
+        "no longer in the code": sorted(documented - actual),
+    }
+    # Loading runs one way between capabilities too: none reaches itself through the others.
+    reach = {
+        c: {_group(t) for s, t, w in actual if w == "load" and _group(s) == c} for c in CAPABILITIES
+    }
+    for _ in CAPABILITIES:
+        reach = {c: set().union(to, *(reach[t] for t in to)) for c, to in reach.items()}
+    assert not [c for c, to in reach.items() if c in to], reach
+
+
 def test_no_import_cycles() -> None:
     graph = {
-        module: {t for t in _imports(path, top_level_only=True) if t != module}
+        module: {t for t in _imports(path, when="load") if t != module}
         for module, path in _app_modules().items()
     }
     done: set[str] = set()
