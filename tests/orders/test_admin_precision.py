@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ from django.test import Client
 pytestmark = pytest.mark.django_db
 
 #: Two steps of one event often fall within the same minute, and within the same second.
-AT = datetime(2026, 12, 1, 13, 5, 48, 123_000, tzinfo=UTC)
+AT = datetime(2026, 12, 1, 13, 5, 48, 123_000, tzinfo=timezone.utc)
 SHOWN = "2026-12-01 13:05:48.123 UTC"
 
 
