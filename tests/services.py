@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -215,3 +217,37 @@ def lock_waiters() -> int:
             "WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
         return int(cursor.fetchone()[0])
+
+
+@contextmanager
+def run_sh(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``scripts/run.sh`` (what ``make run`` starts) in a process group of its own, logged to
+    *log*; on exit the whole group (the worker, the relay, the server) is stopped."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["bash", "scripts/run.sh"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process group, then SIGKILL if it is still running after 60 s; a group that
+    already exited (and why) is the caller's to report."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # the group is gone: nothing left to stop
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import ROOT, wait_for
+from tests.services import ROOT, run_sh, wait_for
 
 SERVICE = "http://127.0.0.1:8000"
 #: The interpreter running the suite, and its environment's scripts (celery, gunicorn): what
@@ -121,16 +120,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     env.update(VAR_DIR=str(var), PORT=str(port), HOST="127.0.0.1", BIN=str(BIN),
                PATH=f"{BIN}:" + env.get("PATH", ""))  # fmt: skip
     log = var / "run.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            ["bash", "scripts/run.sh"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # the worker, the relay and the server: one group to stop
-        )
-    try:
+    with run_sh(env, log) as process:
         wait_for(
             lambda: process.poll() is not None or answers(port),
             180,
@@ -140,22 +130,6 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         if process.poll() is not None:
             pytest.fail(f"scripts/run.sh exited:\n{log.read_text()[-3000:]}", pytrace=False)
         yield Service(port, env, log, var)
-    finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop run.sh's group; one that already exited (and why) is the fixture's to report."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return  # the group is gone: nothing left to stop
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def token(service: Service) -> str:

@@ -4,7 +4,6 @@ the API through gunicorn, and the web processes hold a bounded pool of connectio
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from rest_framework.authtoken.models import Token
 
 from tests.factories import UserFactory, place_order_event
 from tests.integration.test_web_server import Server, free_port
-from tests.services import ROOT, database_url, require_postgres, wait_for
+from tests.services import database_url, require_postgres, run_sh, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -115,34 +114,18 @@ def run_script(tmp_path: Path) -> Iterator[RunScript]:
         PATH=f"{BIN}:{env.get('PATH', '')}",
     )
     log = tmp_path / "run.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            ["bash", "scripts/run.sh"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # the worker, the relay and the server: one group to stop
-        )
-    server = Server(port)
+    with run_sh(env, log) as process:
+        server = Server(port)
 
-    def serving() -> bool:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            return server.request("GET", "/api/", timeout=2)[0] == 401  # up, asking for a token
-        except OSError:
-            return False
+        def serving() -> bool:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                return server.request("GET", "/api/", timeout=2)[0] == 401  # up, asking for a token
+            except OSError:
+                return False
 
-    try:
         wait_for(serving, 120, f"scripts/run.sh to serve (log: {log})", interval=0.25)
         yield RunScript(process, server, log)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def test_make_run_on_postgresql_serves_through_gunicorn_with_bounded_pooled_connections(
