@@ -15,6 +15,16 @@ from tests.services import required
 pytest_plugins = ["tests.replica", "tests.sqs", "idempotency.testing.pytest_plugin"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_duplicate_rates() -> None:
+    """Each test starts as a new process does: the claim's duplicate estimates at zero, so the
+    statements a test counts do not depend on the tests run before it.
+    """
+    from idempotency.inbox.statements import forget_duplicate_rates
+
+    forget_duplicate_rates()
+
+
 @pytest.fixture
 def user(db):  # type: ignore[no-untyped-def]
     return UserFactory(username="producer", is_superuser=True, is_staff=True)

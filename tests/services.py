@@ -56,6 +56,7 @@ def require_postgres() -> None:
 
 #: The dialect each claim statement is written in (get_or_create runs everywhere).
 CLAIM_STATEMENT_VENDORS = {
+    "insert_select_when_duplicate": {"postgresql"},
     "insert_select": {"postgresql"},
     "insert_returning": {"postgresql", "sqlite"},
     "insert_on_duplicate": {"mysql"},
@@ -71,8 +72,11 @@ def usable_claim_statements() -> list[str]:
         for name in STATEMENTS
         if connection.vendor in CLAIM_STATEMENT_VENDORS.get(name, {connection.vendor})
     ]
-    if not supports_insert_select(connection) and "insert_select" in names:
-        names.remove("insert_select")  # two statements in one execute: psycopg 3 only
+    if not supports_insert_select(connection):
+        # Two statements in one execute: psycopg 3 only.
+        for name in ("insert_select", "insert_select_when_duplicate"):
+            if name in names:
+                names.remove(name)
     return names
 
 

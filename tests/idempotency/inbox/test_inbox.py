@@ -19,7 +19,7 @@ from idempotency.exceptions import (
     PayloadMismatch,
     TransactionRequired,
 )
-from idempotency.inbox import claim, current_claim, idempotent, reject
+from idempotency.inbox import claim, current_claim, idempotent, reject, statements
 from idempotency.inbox.statements import STATEMENTS, statement_for, supports_insert_select
 from idempotency.keys import MAX_CONSUMER_LENGTH
 from idempotency.models import Outcome, ProcessedEvent
@@ -228,7 +228,11 @@ def test_every_claim_statement_has_get_or_create_semantics(name: str) -> None:
 
 def test_each_backend_uses_its_fastest_statement() -> None:
     expected = {
-        "postgresql": "insert_select",
+        "postgresql": (
+            "insert_select_when_duplicate"
+            if supports_insert_select(connection)
+            else "insert_returning"
+        ),
         "sqlite": "insert_returning",
         "mysql": "insert_on_duplicate",
     }
@@ -239,11 +243,52 @@ def test_claims_cost_one_statement_on_first_delivery(
     django_assert_num_queries,  # type: ignore[no-untyped-def]
 ) -> None:
     with transaction.atomic():
-        with django_assert_num_queries(1):
+        with django_assert_num_queries(1) as first:
             claim("billing", "e-1")
-        duplicate_queries = 1 if supports_insert_select(connection) else 2
-        with django_assert_num_queries(duplicate_queries):
+        # Duplicates rare so far: the duplicate reads the record in a statement of its own.
+        with django_assert_num_queries(2):
             claim("billing", "e-1")
+    assert "SELECT" not in first.captured_queries[0]["sql"]
+
+
+def _claim_in_own_transaction(consumer: str, event_id: str) -> list[str]:
+    with CaptureQueriesContext(connection) as queries, transaction.atomic():
+        claim(consumer, event_id)
+    # The claim's own statements, without the transaction's (a savepoint inside the test's).
+    return [q["sql"] for q in queries.captured_queries if q["sql"].startswith(("INSERT", "SELECT"))]
+
+
+def test_a_run_of_duplicates_brings_the_select_into_the_insert_s_round_trip() -> None:
+    if statement_for(connection) is not STATEMENTS["insert_select_when_duplicate"]:
+        pytest.skip("the adaptive statement runs on PostgreSQL with psycopg 3's client binding")
+    for n in range(3):
+        _claim_in_own_transaction("billing", f"e-{n}")
+    assert statements.duplicate_rate("default", "billing") == 0.0
+    sent = [_claim_in_own_transaction("billing", "e-0") for _ in range(8)]
+    # The first duplicates take two statements each, then the estimate passes a third and the
+    # select rides with the insert: one execute, both statements in it.
+    assert [len(s) for s in sent[:4]] == [2, 2, 2, 2]
+    assert all(len(s) == 1 and "; SELECT" in s[0] for s in sent[4:]), sent
+    assert statements.duplicate_rate("default", "billing") > 1 / 2
+    # Another consumer's estimate is its own.
+    assert len(_claim_in_own_transaction("shipping", "e-0")) == 1
+    assert statements.duplicate_rate("default", "shipping") == 0.0
+    # First deliveries bring the estimate back down, and the select leaves the first delivery.
+    for n in range(10, 30):
+        last = _claim_in_own_transaction("billing", f"e-{n}")
+    assert statements.duplicate_rate("default", "billing") < 1 / 3
+    assert len(last) == 1
+    assert "SELECT" not in last[0]
+    assert ProcessedEvent.objects.filter(consumer="billing").count() == 23
+
+
+def test_the_duplicate_estimates_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    if statement_for(connection) is not STATEMENTS["insert_select_when_duplicate"]:
+        pytest.skip("the adaptive statement runs on PostgreSQL with psycopg 3's client binding")
+    monkeypatch.setattr(statements, "_MAX_ESTIMATES", 5)
+    for n in range(12):
+        _claim_in_own_transaction(f"tenant-{n}", "e-1")
+        assert len(statements._duplicate_rates) <= 5
 
 
 def test_payloads_are_not_stored_by_default() -> None:
