@@ -333,6 +333,10 @@ SECTIONS: list[Section] = [
         "claim", "The claim against a bare transaction, the floor and the alternatives",
         "bench.claim", render=claim_section,
     ),
+    # The claim alone, each path with each choice of statement (about two minutes).
+    Section(
+        "statements", "The claim's statement, path by path", "bench.statements", json=False,
+    ),
     Section(
         "e2e", "Celery end to end", "bench.celery_e2e",
         args=["--profile", "rabbitmq", "--profile", "redis"], render=e2e_section,

@@ -433,7 +433,8 @@ def main() -> None:
         print(f"{name}, with the settings measured ({len(queries[name])} statements):")
         print()
         for sql in queries[name]:
-            print(f"    {sql[:140]}")
+            # Long statements by their ends: the INSERT's columns, and whether a SELECT follows.
+            print(f"    {sql if len(sql) <= 140 else sql[:90] + ' ... ' + sql[-45:]}")
 
 
 if __name__ == "__main__":

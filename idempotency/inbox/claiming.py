@@ -42,7 +42,7 @@ from ..fingerprint import (
 )
 from ..keys import consumer_name, event_id_key
 from .models import Outcome, ProcessedEvent
-from .statements import RecordLoader, claim_statement
+from .statements import RecordLoader, StoredRecord, claim_statement
 
 logger = logging.getLogger("idempotency")
 
@@ -318,22 +318,29 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 self._guard_other_databases()
             self._token = _active.set(self)
             return
-        record = self.record
-        assert record is not None
-        self.result = record.result
-        if self.fingerprint and record.fingerprint and self.fingerprint != record.fingerprint:
-            mismatch = PayloadMismatch(
-                self.consumer, self.event_id, record.fingerprint, self.fingerprint
-            )
+        # What a duplicate discarded needs, its stored result (and fingerprint), is read from
+        # the selected row; the record is built only for a mismatch, a count or a receiver.
+        stored = self._load
+        if isinstance(stored, StoredRecord):
+            self.result = stored.value("result")
+            fingerprint = stored.value("fingerprint") if self.fingerprint else ""
+        else:
+            record = self.record
+            assert record is not None
+            self.result, fingerprint = record.result, record.fingerprint
+        if self.fingerprint and fingerprint and self.fingerprint != fingerprint:
+            record = self.record
+            assert record is not None
+            mismatch = PayloadMismatch(self.consumer, self.event_id, fingerprint, self.fingerprint)
             logger.warning(
                 "payload mismatch for %s event %s: stored %s, received %s",
                 self.consumer,
                 self.event_id,
-                record.fingerprint,
+                fingerprint,
                 self.fingerprint,
                 extra={
                     **self._log_extra(),
-                    "stored_fingerprint": record.fingerprint,
+                    "stored_fingerprint": fingerprint,
                     "received_fingerprint": self.fingerprint,
                 },
             )
@@ -347,6 +354,8 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 raise mismatch
             self._note_mismatch(record)
         if app_settings.RECORD_DUPLICATES:
+            record = self.record
+            assert record is not None
             record.duplicate_count += 1
             record.last_duplicate_at = timezone.now()
             ProcessedEvent.objects.using(self.using).filter(pk=record.pk).update(
@@ -361,7 +370,10 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
             )
         if signals.duplicate_discarded.receivers:  # no receivers: no dispatch to build
             signals.duplicate_discarded.send(
-                sender=ProcessedEvent, consumer=self.consumer, event_id=self.event_id, record=record
+                sender=ProcessedEvent,
+                consumer=self.consumer,
+                event_id=self.event_id,
+                record=self.record,
             )
 
     def _guard_other_databases(self) -> None:

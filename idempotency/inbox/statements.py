@@ -169,6 +169,32 @@ def _record(using: str, row: Sequence[Any]) -> ProcessedEvent:
     return ProcessedEvent.from_db(using, _attnames(), values)
 
 
+class StoredRecord:
+    """A duplicate's row as its select returned it: calling it builds the record; :meth:`value`
+    reads one field without building it (a duplicate discarded needs only its stored result).
+    """
+
+    __slots__ = ("row", "using")
+
+    def __init__(self, using: str, row: Sequence[Any]) -> None:
+        self.using = using
+        self.row = row
+
+    def __call__(self) -> ProcessedEvent:
+        return _record(self.using, self.row)
+
+    def value(self, attname: str) -> Any:
+        """The field *attname* as the record would hold it (its converters applied)."""
+        connection = connections[self.using]
+        position = _attnames().index(attname)
+        value = self.row[position]
+        for index, col, converters in _converters(self.using, connection.vendor):
+            if index == position:
+                for converter in converters:
+                    value = converter(value, col, connection)
+        return value
+
+
 def _values(consumer: str, event_id: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "consumer": consumer,
@@ -245,7 +271,7 @@ def insert_select(
     if row is None:
         # The conflicting row was purged between the two statements: claim afresh.
         return insert_returning.lazily(using, consumer, event_id, defaults)
-    return partial(_record, using, row), False
+    return StoredRecord(using, row), False
 
 
 @ClaimStatement
@@ -264,7 +290,7 @@ def insert_returning(
         if row is None:
             # The conflicting row was purged between the two statements: claim afresh.
             return insert_returning.lazily(using, consumer, event_id, defaults)
-        return partial(_record, using, row), False
+        return StoredRecord(using, row), False
     return partial(_new_record, using, inserted[0], inserted[1], consumer, event_id, defaults), True
 
 
@@ -359,7 +385,7 @@ def insert_on_duplicate(
     if row is None:
         # The conflicting row was purged between the two statements: claim afresh.
         return insert_on_duplicate.lazily(using, consumer, event_id, defaults)
-    return partial(_record, using, row), False
+    return StoredRecord(using, row), False
 
 
 def _processed_at(using: str, value: Any) -> Any:

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.db.models.signals import post_init
 from django.test import override_settings
 
 from idempotency import signals
-from idempotency.exceptions import InvalidEvent
+from idempotency.exceptions import InvalidEvent, PayloadMismatch
 from idempotency.fingerprint import sha256_hex
 from idempotency.inbox import claim, idempotent
 from idempotency.models import ProcessedEvent
@@ -74,6 +75,38 @@ def test_claim_record_fingerprint_reads_the_same_first_time_and_on_a_duplicate()
         again, created = claim("billing", "e-1", fingerprint=upper)
     assert not created
     assert first.fingerprint == again.fingerprint == DIGEST
+
+
+@override_settings(IDEMPOTENCY={})  # the library's defaults: duplicates not counted
+def test_a_duplicate_discarded_builds_no_record_until_it_is_read() -> None:
+    built: list[ProcessedEvent] = []
+
+    def count(sender: Any, instance: ProcessedEvent, **kwargs: Any) -> None:
+        built.append(instance)
+
+    payload = {"amount": 10}
+    with idempotent("billing", "e-1", payload=payload) as first:
+        first.result = {"balance": "90.00"}
+    post_init.connect(count, sender=ProcessedEvent)
+    try:
+        with idempotent("billing", "e-1", payload=payload) as again:
+            assert again.duplicate
+            # The stored result and the fingerprint compared came from the row itself.
+            assert again.result == {"balance": "90.00"}
+            assert built == []
+            record = again.record
+            assert record is not None
+            assert record.result == {"balance": "90.00"}
+            assert record.fingerprint == sha256_hex(b'{"amount":10}')
+            assert record.pk == ProcessedEvent.objects.values_list("pk", flat=True).get()
+            assert again.record is record
+            assert built == [record]
+        # A different payload under the same id is still seen, the record built for its note.
+        with pytest.raises(PayloadMismatch), idempotent("billing", "e-1", payload={"amount": 11}):
+            pass
+    finally:
+        post_init.disconnect(count, sender=ProcessedEvent)
+    assert ProcessedEvent.objects.get().mismatch_fingerprint == sha256_hex(b'{"amount":11}')
 
 
 # --- What held ------------------------------------------------------------------------------
