@@ -298,9 +298,9 @@ def insert_returning(
 #: duplicate) or 0 (a first delivery): a change of traffic is followed within a dozen claims.
 _RATE_STEP = 1 / 8
 #: The estimated duplicate rate above which the select rides along with the insert. Measured
-#: (bench/claim.py's machine): the select costs a first delivery about 60-130 us of PostgreSQL's
-#: time, a second round trip costs a duplicate about 200-270 us more, so one round trip for
-#: both pays from about a third of the claims being duplicates.
+#: (bench/statements.py): the select costs a first delivery about 150 us, a round trip of its
+#: own costs a duplicate about 140 us more, so one round trip for both pays from about half the
+#: claims being duplicates; a third serves a redelivered backlog in one round trip sooner.
 _SELECT_WITH_INSERT_ABOVE = 1 / 3
 #: Estimates kept at most: consumer names are usually a fixed set (task names), but nothing
 #: stops a project from building them per tenant; past this many the estimates start over.
