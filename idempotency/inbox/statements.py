@@ -169,6 +169,17 @@ def _record(using: str, row: Sequence[Any]) -> ProcessedEvent:
     return ProcessedEvent.from_db(using, _attnames(), values)
 
 
+def _converted(using: str, attname: str, value: Any) -> Any:
+    """*value*, as read from the column of *attname*, converted as Django would read it."""
+    connection = connections[using]
+    position = _attnames().index(attname)
+    for index, col, converters in _converters(using, connection.vendor):
+        if index == position:
+            for converter in converters:
+                value = converter(value, col, connection)
+    return value
+
+
 class StoredRecord:
     """A duplicate's row as its select returned it: calling it builds the record; :meth:`value`
     reads one field without building it (a duplicate discarded needs only its stored result).
@@ -185,14 +196,7 @@ class StoredRecord:
 
     def value(self, attname: str) -> Any:
         """The field *attname* as the record would hold it (its converters applied)."""
-        connection = connections[self.using]
-        position = _attnames().index(attname)
-        value = self.row[position]
-        for index, col, converters in _converters(self.using, connection.vendor):
-            if index == position:
-                for converter in converters:
-                    value = converter(value, col, connection)
-        return value
+        return _converted(self.using, attname, self.row[_attnames().index(attname)])
 
 
 def _values(consumer: str, event_id: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -390,13 +394,7 @@ def insert_on_duplicate(
 
 def _processed_at(using: str, value: Any) -> Any:
     """A ``processed_at`` returned by the insert, converted as Django would read it."""
-    connection = connections[using]
-    position = _attnames().index("processed_at")
-    for index, col, converters in _converters(using, connection.vendor):
-        if index == position:
-            for converter in converters:
-                value = converter(value, col, connection)
-    return value
+    return _converted(using, "processed_at", value)
 
 
 def _loaded(record: ProcessedEvent) -> ProcessedEvent:
