@@ -30,6 +30,9 @@ $BIN/python manage.py relay_outbox --forever --interval 2 &
 relay=$!
 web=
 
+# Stopping goes through the worker's main process alone: it ends its pool children itself. A
+# signal sent to the pool children too (kill on the whole process group) can leave one holding
+# the pool's queue lock, and the main process then waits for it forever.
 stop() {
   trap - EXIT INT TERM
   kill -TERM "$worker" "$relay" $web 2>/dev/null || true
@@ -50,6 +53,9 @@ if [[ "${DATABASE_URL:-}" == postgres* ]]; then
   web=$!
   wait "$web"
 else
-  # The embedded SQLite default: one file, one writer; the development server is enough.
-  $BIN/python manage.py runserver "$HOST:$PORT"
+  # The embedded SQLite default: one file, one writer; the development server is enough. In the
+  # background with a wait, like gunicorn, so that a TERM sent to this script alone runs stop().
+  $BIN/python manage.py runserver "$HOST:$PORT" &
+  web=$!
+  wait "$web"
 fi

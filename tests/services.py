@@ -243,15 +243,32 @@ def run_sh(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a process group, then SIGKILL if it is still running after 60 s; a group that
-    already exited (and why) is the caller's to report."""
+    """Stop a process group as its leader's own shutdown would: SIGTERM to the leader alone,
+    then to whatever of the group is left once it exited, then SIGKILL to the group, 60 s in
+    all. A TERM sent to the whole group at once also reaches a Celery worker's pool children,
+    and a child killed while it holds the pool's queue lock leaves the worker's main process
+    waiting for that lock for good. A group that already exited (and why) is the caller's to
+    report."""
+    deadline = time.monotonic() + 60
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=max(deadline - time.monotonic(), 1))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break  # the whole group is gone
+        while time.monotonic() < deadline and group_alive(process):
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+    process.wait(timeout=10)
+
+
+def group_alive(process: subprocess.Popen[bytes]) -> bool:
+    process.poll()  # a leader not reaped would keep its group alive
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, 0)
     except ProcessLookupError:
-        return  # the group is gone: nothing left to stop
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        return False
+    return True

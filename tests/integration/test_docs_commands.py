@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import ROOT, run_sh, wait_for
+from tests.services import ROOT, group_alive, run_sh, wait_for
 
 SERVICE = "http://127.0.0.1:8000"
 #: The interpreter running the suite, and its environment's scripts (celery, gunicorn): what
@@ -43,6 +44,8 @@ APPLIED_AFTER_LAST_POST = 15
 #: Seconds for the embedded worker to apply the README's events: a payment that arrives before
 #: its order is retried with a growing countdown, which a loaded machine stretches.
 APPLIED_WITHIN = 300
+# The worker's warm shutdown takes a few seconds; a worker stuck on its pool's lock never ends.
+STOPPED_WITHIN = 30
 BLOCK = re.compile(r"^```sh\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 DOCUMENTS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.md"))]
 
@@ -59,8 +62,15 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, port: int, env: dict[str, str], log: Path, var: Path) -> None:
-        self.port, self.env, self.log, self.var = port, env, log, var
+    def __init__(
+        self,
+        port: int,
+        env: dict[str, str],
+        log: Path,
+        var: Path,
+        process: subprocess.Popen[bytes],
+    ) -> None:
+        self.port, self.env, self.log, self.var, self.process = port, env, log, var, process
 
     def run(self, script: str) -> subprocess.CompletedProcess[str]:
         script = script.replace(SERVICE, f"http://127.0.0.1:{self.port}")
@@ -129,7 +139,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         )
         if process.poll() is not None:
             pytest.fail(f"scripts/run.sh exited:\n{log.read_text()[-3000:]}", pytrace=False)
-        yield Service(port, env, log, var)
+        yield Service(port, env, log, var, process)
 
 
 def token(service: Service) -> str:
@@ -233,3 +243,18 @@ def test_the_embedded_default_keeps_up_with_the_events_posted(service: Service) 
         f"{service.log.read_text()[-3000:]}"
     )
     print(f"{EVENTS} events applied {lag:.1f} s after the last POST")
+
+
+def test_a_term_to_the_script_stops_everything_it_started(service: Service) -> None:
+    """Stopping `make run` as a supervisor does (SIGTERM to the script alone) ends the server,
+    the relay and the worker with its pool children, in seconds: the script's trap runs at once
+    (the development server is not a foreground job it would wait for), and it signals the
+    worker's main process alone. Last in this module: it stops the module's service."""
+    os.kill(service.process.pid, signal.SIGTERM)
+    wait_for(
+        lambda: not group_alive(service.process),
+        STOPPED_WITHIN,
+        f"every process of scripts/run.sh to exit (log: {service.log})",
+        interval=0.2,
+    )
+    assert service.process.returncode is not None
