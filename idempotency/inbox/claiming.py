@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -42,7 +41,9 @@ from ..fingerprint import (
 )
 from ..keys import consumer_name, event_id_key
 from .models import Outcome, ProcessedEvent
-from .statements import RecordLoader, StoredRecord, claim_statement
+from .rows import StoredRecord
+from .statements import RecordLoader, claim_statement
+from .write_guard import guard_other_databases
 
 logger = logging.getLogger("idempotency")
 
@@ -103,52 +104,6 @@ def _claim_lazily(
         )
     defaults = {"fingerprint": fingerprint, "payload": payload}
     return claim_statement(using).lazily(using, consumer, event_id, defaults)
-
-
-#: The statements a write guard refuses: those that change rows.
-_WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE", "TRUNCATE", "UPSERT")
-_WRITE_IN_CTE = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
-#: COPY ... FROM loads rows (COPY ... TO only reads them).
-_COPY_IN = re.compile(r"\bFROM\s+(?:STDIN|PROGRAM|')", re.IGNORECASE)
-#: What may precede the verb: white space, parentheses and comments (a query tagger's, a
-#: hand-written statement's).
-_LEADING = re.compile(r"(?:[\s(]+|/\*.*?\*/|--[^\n]*)*", re.DOTALL)
-_BLANK = " \t\r\n\f\v("
-
-
-def _is_write(sql: str) -> bool:
-    head = sql.lstrip(_BLANK)
-    if head.startswith(("/*", "--")):
-        head = head[_LEADING.match(head).end() :]  # type: ignore[union-attr]  # always matches
-    head = head[:8].upper()
-    if head.startswith(_WRITES):
-        return True
-    if head.startswith("WITH"):
-        return _WRITE_IN_CTE.search(sql) is not None
-    return head.startswith("COPY") and _COPY_IN.search(sql) is not None
-
-
-class _WriteGuard:
-    """An execute wrapper on another database, refusing writes while a claim is open."""
-
-    def __init__(self, claim: idempotent, alias: str) -> None:
-        self.claim = claim
-        self.alias = alias
-
-    def __call__(
-        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
-    ) -> Any:
-        if _is_write(sql):
-            claim = self.claim
-            raise IdempotencyConfigurationError(
-                f"{claim.consumer} event {claim.event_id!r}: the claim is open on database "
-                f"{claim.using!r}, but this statement writes to {self.alias!r}: it would "
-                "commit separately from the inbox record, so a redelivery after a failure "
-                f"repeats it. Route the model to {claim.using!r} (see docs/databases.md), claim "
-                f"with using={self.alias!r}, or pass allow_writes_to=({self.alias!r},). "
-                f"Statement: {sql[:120]}"
-            )
-        return execute(sql, params, many, context)
 
 
 class idempotent:  # noqa: N801 (used as a context manager, like transaction.atomic)
@@ -315,7 +270,7 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
         )
         if self.created:
             if len(connections.settings) > 1:  # one database: nothing to guard, no cost
-                self._guard_other_databases()
+                self._guards = guard_other_databases(self)
             self._token = _active.set(self)
             return
         # What a duplicate discarded needs, its stored result (and fingerprint), is read from
@@ -375,19 +330,6 @@ class idempotent:  # noqa: N801 (used as a context manager, like transaction.ato
                 event_id=self.event_id,
                 record=self.record,
             )
-
-    def _guard_other_databases(self) -> None:
-        guards = ExitStack()
-        try:
-            for alias in connections:
-                if alias != self.using and alias not in self.allow_writes_to:
-                    guards.enter_context(
-                        connections[alias].execute_wrapper(_WriteGuard(self, alias))
-                    )
-        except BaseException:
-            guards.close()
-            raise
-        self._guards = guards
 
     def _note_mismatch(self, record: ProcessedEvent) -> None:
         record.mismatch_fingerprint = self.fingerprint

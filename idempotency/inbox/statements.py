@@ -40,6 +40,7 @@ from django.db import IntegrityError, OperationalError, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from .models import Outcome, ProcessedEvent
+from .rows import StoredRecord, read_processed_at, row_fields
 
 #: Columns written by the insert, in order; everything else takes the model's default.
 #: ``processed_at`` is left to the column's default, the database's clock (``db_default``).
@@ -108,16 +109,6 @@ def _quoted(name: str) -> str:
     return f'"{_field(name).column}"'
 
 
-@lru_cache(maxsize=1)
-def _fields() -> tuple[models.Field, ...]:
-    return tuple(ProcessedEvent._meta.concrete_fields)
-
-
-@lru_cache(maxsize=1)
-def _attnames() -> list[str]:
-    return [f.attname for f in _fields()]
-
-
 def _placeholders(vendor: str) -> str:
     empty = _EMPTY_BYTES.get(vendor, "X''")
     return ", ".join(
@@ -130,7 +121,7 @@ def _sql(vendor: str) -> dict[str, str]:
     # Quoting follows the SQL standard, which both vendors accept.
     table = f'"{ProcessedEvent._meta.db_table}"'
     columns = ", ".join(_quoted(name) for name in _INSERT_FIELDS)
-    every = ", ".join(f'"{f.column}"' for f in _fields())
+    every = ", ".join(f'"{f.column}"' for f in row_fields())
     insert = (
         f"INSERT INTO {table} ({columns}) VALUES ({_placeholders(vendor)}) "
         f"ON CONFLICT ({_quoted('event_id')}, {_quoted('consumer')}) DO NOTHING"
@@ -141,62 +132,6 @@ def _sql(vendor: str) -> dict[str, str]:
     )
     returning = f"{insert} RETURNING {_quoted('id')}, {_quoted('processed_at')}"
     return {"insert": returning, "select": select, "insert_select": f"{returning}; {select}"}
-
-
-@lru_cache(maxsize=8)
-def _converters(
-    using: str, vendor: str
-) -> tuple[tuple[int, Any, tuple[Callable[..., Any], ...]], ...]:
-    """The columns Django's compiler would convert: (position, expression, converters)."""
-    connection = connections[using]
-    result = []
-    for index, field in enumerate(_fields()):
-        col = field.get_col(ProcessedEvent._meta.db_table)
-        converters = (*connection.ops.get_db_converters(col), *col.get_db_converters(connection))
-        if converters:
-            result.append((index, col, converters))
-    return tuple(result)
-
-
-def _record(using: str, row: Sequence[Any]) -> ProcessedEvent:
-    connection = connections[using]
-    values = list(row)
-    for index, col, converters in _converters(using, connection.vendor):
-        value = values[index]
-        for converter in converters:
-            value = converter(value, col, connection)
-        values[index] = value
-    return ProcessedEvent.from_db(using, _attnames(), values)
-
-
-def _converted(using: str, attname: str, value: Any) -> Any:
-    """*value*, as read from the column of *attname*, converted as Django would read it."""
-    connection = connections[using]
-    position = _attnames().index(attname)
-    for index, col, converters in _converters(using, connection.vendor):
-        if index == position:
-            for converter in converters:
-                value = converter(value, col, connection)
-    return value
-
-
-class StoredRecord:
-    """A duplicate's row as its select returned it: calling it builds the record; :meth:`value`
-    reads one field without building it (a duplicate discarded needs only its stored result).
-    """
-
-    __slots__ = ("row", "using")
-
-    def __init__(self, using: str, row: Sequence[Any]) -> None:
-        self.using = using
-        self.row = row
-
-    def __call__(self) -> ProcessedEvent:
-        return _record(self.using, self.row)
-
-    def value(self, attname: str) -> Any:
-        """The field *attname* as the record would hold it (its converters applied)."""
-        return _converted(self.using, attname, self.row[_attnames().index(attname)])
 
 
 def _values(consumer: str, event_id: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -236,7 +171,7 @@ def _new_record(
     defaults: Mapping[str, Any],
 ) -> ProcessedEvent:
     """The record an insert just made, from what it was given and what it returned."""
-    processed_at = _processed_at(using, processed_at)
+    processed_at = read_processed_at(using, processed_at)
     record = ProcessedEvent(
         pk=pk, processed_at=processed_at, **_values(consumer, event_id, defaults)
     )
@@ -348,7 +283,7 @@ def _mysql_sql() -> dict[str, str]:
 
     table = quote(ProcessedEvent._meta.db_table)
     columns = ", ".join(quote(_field(name).column) for name in _INSERT_FIELDS)
-    every = ", ".join(quote(f.column) for f in _fields())
+    every = ", ".join(quote(f.column) for f in row_fields())
     pk = quote(_field("id").column)
     return {
         # A no-op update: the duplicate row is locked and left as it is.
@@ -390,11 +325,6 @@ def insert_on_duplicate(
         # The conflicting row was purged between the two statements: claim afresh.
         return insert_on_duplicate.lazily(using, consumer, event_id, defaults)
     return StoredRecord(using, row), False
-
-
-def _processed_at(using: str, value: Any) -> Any:
-    """A ``processed_at`` returned by the insert, converted as Django would read it."""
-    return _converted(using, "processed_at", value)
 
 
 def _loaded(record: ProcessedEvent) -> ProcessedEvent:

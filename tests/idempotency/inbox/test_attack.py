@@ -21,7 +21,7 @@ from idempotency.exceptions import (
     ResultNotSerializable,
 )
 from idempotency.inbox import claim, idempotent
-from idempotency.inbox.claiming import _is_write
+from idempotency.inbox.write_guard import is_write
 from idempotency.keys import composite_key, event_id_key, extract_key
 from idempotency.models import ProcessedEvent
 from tests.replica import Replica, uses_replica
@@ -248,12 +248,12 @@ READS = [
 @pytest.mark.parametrize("sql", WRITES)
 def test_the_guard_sees_every_form_of_a_write(sql: str) -> None:
     # Leading comments (a query tagger's), \r, \f and COPY ... FROM used to pass as reads.
-    assert _is_write(sql)
+    assert is_write(sql)
 
 
 @pytest.mark.parametrize("sql", READS)
 def test_the_guard_lets_reads_through(sql: str) -> None:
-    assert not _is_write(sql)
+    assert not is_write(sql)
 
 
 @pytest.mark.services
