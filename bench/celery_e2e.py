@@ -296,8 +296,7 @@ def main() -> None:
     )
     runtime.add_arguments(parser)
     args = parser.parse_args()
-    if connection.vendor != "postgresql":
-        sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
+    runtime.require_postgresql()
     brokers = args.broker or list(BROKERS)
     with contextlib.ExitStack() as stack:
         if "sqs" in brokers and not BROKERS["sqs"]:

@@ -342,8 +342,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the measurements to this file")
     runtime.add_arguments(parser)
     args = parser.parse_args()
-    if connection.vendor != "postgresql":
-        sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
+    runtime.require_postgresql()
     per_process = args.events or (60 if args.quick else 400)
     rounds = args.rounds or (5 if args.quick else 9)
     names = [n for n in APPROACHES if not args.approach or n in args.approach or n == "bare"]

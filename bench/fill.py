@@ -18,7 +18,6 @@ sets; every other column takes the model's default (``default=`` or ``db_default
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from datetime import datetime, timedelta
 
@@ -107,8 +106,7 @@ def fill(
     """
     from idempotency.conf import app_settings
 
-    if connection.vendor != "postgresql":
-        sys.exit("set DATABASE_URL=postgres://... : the fill is written for PostgreSQL")
+    runtime.require_postgresql("the fill is written for PostgreSQL")
     last = last_at or timezone.now()
     first = first_at or last - (app_settings.RETENTION or timedelta(days=30))
     statement, params = insert_statement(count, start, first, last)
@@ -126,6 +124,7 @@ def main() -> None:
     parser.add_argument("--truncate", action="store_true", help="empty the inbox first")
     runtime.add_arguments(parser)
     args = parser.parse_args()
+    runtime.require_postgresql("the fill is written for PostgreSQL")
     with connection.cursor() as cursor:
         if args.truncate:
             cursor.execute(f"TRUNCATE {connection.ops.quote_name(TABLE)} RESTART IDENTITY")

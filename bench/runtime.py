@@ -102,3 +102,11 @@ def describe(using: str = "default") -> dict[str, Any]:
         "CPU": f"{os.cpu_count()} x {cpu_model()}",
         "Python": platform.python_version(),
     }
+
+
+def require_postgresql(what: str = "the benchmark measures PostgreSQL") -> None:
+    """Exit with a clear message unless the default database is PostgreSQL."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        sys.exit(f"set DATABASE_URL=postgres://... : {what}")

@@ -40,7 +40,7 @@ runtime.setup()  # bench/settings.py: DEBUG off, the library's defaults
 
 from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
-from django.db import connection, transaction  # noqa: E402
+from django.db import transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from bench.database import percentile, sql  # noqa: E402
@@ -179,8 +179,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     runtime.add_arguments(parser)
     args = parser.parse_args()
-    if connection.vendor != "postgresql":
-        sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
+    runtime.require_postgresql()
     if settings.DEBUG:
         sys.exit("DEBUG is on: Django would record every query; unset DJANGO_DEBUG")
     targets = (

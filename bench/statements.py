@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -93,8 +92,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds (default 9; quick 3)")
     runtime.add_arguments(parser)
     args = parser.parse_args()
-    if connection.vendor != "postgresql":
-        sys.exit("set DATABASE_URL=postgres://... : the benchmark measures PostgreSQL")
+    runtime.require_postgresql()
     call_command("migrate", verbosity=0)
     events = args.events or (100 if args.quick else 1000)
     rounds = args.rounds or (3 if args.quick else 9)
