@@ -216,15 +216,17 @@ def e2e_section(result: Result) -> list[str]:
     from bench import workerprofile
 
     e2e = result.data
+    sqs_one = e2e.get("sqs_one_process_tasks", e2e["tasks"])
     lines = [
         "The same business transaction as a Celery task through a real `celery worker` "
         "(prefork, 1 and 2 pool processes, the example's settings: `acks_late`, prefetch 1, "
         "connections reused): `unguarded` is a plain `@shared_task` in `transaction.atomic()`, "
         "`guarded` is `@idempotent_task` (bench/tasks.py). The queue is filled first, then a "
         "worker drains it; the rate runs from the first order's timestamp to the last, so the "
-        f"worker's start-up does not count. {e2e['tasks']} tasks per run (the embedded and SQS "
-        "brokers fewer); the guarded and the unguarded task run in pairs, one right after the "
-        "other in alternating order, and each ratio is taken within its pair.",
+        f"worker's start-up does not count. {e2e['tasks']} tasks per run (the embedded broker "
+        f"fewer, and SQS with one pool process {sqs_one}: it drains one or two a second); the "
+        "guarded and the unguarded task run in pairs, one right after the other in alternating "
+        "order, and each ratio is taken within its pair.",
         "",
         *e2e_table(e2e),
         "",
